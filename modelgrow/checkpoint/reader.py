@@ -1,0 +1,291 @@
+"""Open a safetensors checkpoint (file, sharded index or Hugging Face folder) lazily.
+
+Every shard's header is validated when the checkpoint is opened, so a bad file is
+reported before any growth work starts. Tensor data is read one tensor at a time through
+memory-mapped ``safe_open`` handles. Pickled checkpoints are refused, never loaded:
+unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path, PurePosixPath
+
+import torch
+from safetensors import safe_open
+
+from modelgrow.checkpoint.safetensors_format import TensorInfo, read_header
+from modelgrow.errors import CheckpointError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+#: Files a Hugging Face model folder carries beside its weights; copied to the output.
+TAGALONG_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "chat_template.jinja",
+)
+
+_CONVERT_HINT = (
+    "convert it in an environment you trust: load it there and save it with "
+    "model.save_pretrained(out_dir, safe_serialization=True), or "
+    "safetensors.torch.save_file(state_dict, 'model.safetensors')"
+)
+
+
+def _pickled_error(path: Path) -> CheckpointError:
+    return CheckpointError(
+        "is a pickled PyTorch checkpoint; modelgrow never unpickles files, because "
+        "loading a pickle can run arbitrary code",
+        path=path,
+        hint=_CONVERT_HINT,
+    )
+
+
+class Checkpoint:
+    """Tensors of one checkpoint, read lazily; use as a context manager or call close()."""
+
+    def __init__(
+        self,
+        *,
+        path: Path,
+        root: Path,
+        config: dict,
+        config_path: Path,
+        files: list[Path],
+        tensors: dict[str, TensorInfo],
+        metadata: dict[str, str],
+        in_model_folder: bool,
+    ):
+        self.path = path
+        self.root = root
+        self.config = config
+        self.config_path = config_path
+        self.files = files
+        self.metadata = metadata
+        self._tensors = tensors
+        self._in_model_folder = in_model_folder
+        self._handles: dict[Path, object] = {}
+
+    def names(self) -> list[str]:
+        return sorted(self._tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise KeyError(f"no tensor named {name!r} in {self.path}") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor from its shard (memory-mapped; the shard stays open)."""
+        info = self.info(name)
+        try:
+            handle = self._handles.get(info.file)
+            if handle is None:
+                handle = safe_open(str(info.file), framework="pt", device="cpu")
+                self._handles[info.file] = handle
+            tensor = handle.get_tensor(name)
+        except Exception as err:  # the library's own error type is not an OSError
+            raise CheckpointError(
+                f"cannot read tensor {name!r}: {err}", path=info.file
+            ) from err
+        # The header was validated at open time; a mismatch means the file changed since.
+        if tensor.dtype != info.dtype or tuple(tensor.shape) != info.shape:
+            raise CheckpointError(
+                f"tensor {name!r} changed on disk since the checkpoint was opened",
+                path=info.file,
+            )
+        return tensor
+
+    def tagalong_files(self) -> list[Path]:
+        """Tokenizer and similar files to copy beside the grown weights."""
+        if not self._in_model_folder:
+            return []
+        return [self.root / name for name in TAGALONG_FILES if (self.root / name).is_file()]
+
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self._tensors.values())
+
+    def close(self) -> None:
+        handles, self._handles = self._handles, {}
+        for handle in handles.values():
+            handle.__exit__(None, None, None)  # releases the memory map
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        count = len(self._tensors)
+        return f"Checkpoint({str(self.path)!r}, {count} tensors, {len(self.files)} files)"
+
+
+def open_checkpoint(path: str | Path, config_path: str | Path | None = None) -> Checkpoint:
+    """Open a .safetensors file, a model.safetensors.index.json, or a model folder.
+
+    The config is ``config_path`` if given, else config.json in the checkpoint's folder.
+    """
+    given = Path(path)
+    if not given.exists():
+        raise CheckpointError("does not exist", path=given)
+    weights = _find_weights(given)
+    root = given if given.is_dir() else given.parent
+
+    if weights.name.endswith(".index.json"):
+        files, expected = _read_index(weights, root)
+    else:
+        files, expected = [weights], None
+    tensors, metadata = _read_headers(files, expected, weights)
+
+    default_config = root / CONFIG_FILE
+    config_file = Path(config_path) if config_path is not None else default_config
+    config = _read_config(config_file, given)
+    # Tag-along files only make sense when the weights sit in a model folder with their
+    # config; a loose file paired with a config from elsewhere has no tokenizer of its own.
+    in_model_folder = given.is_dir() or config_file.resolve() == default_config.resolve()
+    return Checkpoint(
+        path=given,
+        root=root,
+        config=config,
+        config_path=config_file,
+        files=files,
+        tensors=tensors,
+        metadata=metadata,
+        in_model_folder=in_model_folder,
+    )
+
+
+def _find_weights(given: Path) -> Path:
+    """The safetensors file or index to read, or a CheckpointError saying why there is none."""
+    if given.is_dir():
+        for name in (SINGLE_FILE, INDEX_FILE):  # same preference as transformers
+            if (given / name).is_file():
+                return given / name
+        pickled = sorted(
+            p.name
+            for p in given.iterdir()
+            if p.suffix in PICKLE_SUFFIXES or p.name.endswith(".bin.index.json")
+        )
+        if pickled:
+            raise CheckpointError(
+                f"folder holds only pickled weights ({', '.join(pickled)}); modelgrow never "
+                "unpickles files, because loading a pickle can run arbitrary code",
+                path=given,
+                hint=_CONVERT_HINT,
+            )
+        raise CheckpointError(
+            f"folder has no {SINGLE_FILE} or {INDEX_FILE}",
+            path=given,
+            hint="pass a Hugging Face model folder, a .safetensors file or an index file",
+        )
+    if given.suffix in PICKLE_SUFFIXES or given.name.endswith(".bin.index.json"):
+        raise _pickled_error(given)
+    if given.suffix == ".safetensors" or given.name.endswith(".safetensors.index.json"):
+        return given
+    raise CheckpointError(
+        "is not a .safetensors file, a .safetensors.index.json index or a model folder",
+        path=given,
+    )
+
+
+def _load_json_object(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise CheckpointError(f"cannot read {what}: {err.strerror or err}", path=path) from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{what} is not valid UTF-8", path=path) from None
+    except RecursionError:
+        raise CheckpointError(f"{what} JSON is nested too deeply", path=path) from None
+    except ValueError as err:
+        raise CheckpointError(f"{what} is not valid JSON: {str(err)[:80]}", path=path) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} must be a JSON object, got {type(data).__name__}", path=path)
+    return data
+
+
+def _read_config(config_file: Path, given: Path) -> dict:
+    if not config_file.is_file():
+        raise CheckpointError(
+            f"no config found at {config_file}",
+            path=given,
+            hint="put the model's config.json beside the weights or pass --config PATH",
+        )
+    return _load_json_object(config_file, "config")
+
+
+def _read_index(index: Path, root: Path) -> tuple[list[Path], dict[str, Path]]:
+    """Shard files (in first-mention order) and the shard each tensor is listed in."""
+    data = _load_json_object(index, "index")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError("index has no weight_map object listing tensors", path=index)
+    shards: dict[str, Path] = {}
+    expected: dict[str, Path] = {}
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(f"index maps {name!r} to {shard!r}, not a file name", path=index)
+        if shard not in shards:
+            shards[shard] = _shard_path(shard, root, index)
+        expected[name] = shards[shard]
+    return list(shards.values()), expected
+
+
+def _shard_path(shard: str, root: Path, index: Path) -> Path:
+    # Checked lexically, not with resolve(): the Hugging Face cache symlinks shards to
+    # blobs outside the snapshot folder, and that is fine. Escaping via the name is not.
+    pure = PurePosixPath(shard)
+    if pure.is_absolute() or "\\" in shard or ".." in pure.parts:
+        raise CheckpointError(
+            f"index names shard {shard!r} outside the checkpoint folder", path=index
+        )
+    path = root / pure
+    if not path.is_file():
+        raise CheckpointError(f"index names shard {shard!r}, which does not exist", path=index)
+    return path
+
+
+def _read_headers(
+    files: list[Path], expected: dict[str, Path] | None, source: Path
+) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    tensors: dict[str, TensorInfo] = {}
+    metadata: dict[str, str] = {}
+    for i, file in enumerate(files):
+        header, file_metadata, _ = read_header(file)
+        if i == 0:
+            metadata = file_metadata
+        for name, info in header.items():
+            if name in tensors:
+                raise CheckpointError(
+                    f"tensor {name!r} is stored in two shards: {tensors[name].file.name} "
+                    f"and {file.name}",
+                    path=source,
+                )
+            tensors[name] = info
+    for name, shard in (expected or {}).items():
+        if name not in tensors or tensors[name].file != shard:
+            raise CheckpointError(
+                f"index lists tensor {name!r} in {shard.name}, but that shard does not hold it",
+                path=source,
+            )
+    return tensors, metadata

@@ -1,0 +1,59 @@
+"""Byte sizes as users type them ("2GB", "500 MiB") and as we print them."""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+from modelgrow.errors import UsageError
+
+# Decimal units follow Hugging Face's max_shard_size ("5GB" = 5 * 1000**3); binary units
+# are there for people who think in GiB. A bare "B", "K" or "G" is refused on purpose:
+# mergekit's --out-shard-size reads "5B" as five *billion*, so guessing would bite.
+_UNITS = {
+    "": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+
+
+def parse_size(text: str | int) -> int:
+    """Parse "2GB", "1.5 GiB" or "1000000" into a whole number of bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise UsageError(f"size must not be negative: {text}")
+        return text
+    match = _SIZE.fullmatch(text) if isinstance(text, str) else None
+    if match is None or match.group(2).lower() not in _UNITS:
+        raise UsageError(
+            f"cannot read size {text!r}",
+            hint="use a number of bytes or a unit: KB, MB, GB, TB (powers of 1000) "
+            "or KiB, MiB, GiB, TiB (powers of 1024), e.g. 2GB",
+        )
+    number, unit = match.groups()
+    # Fraction, not float: "1.1GB" must be exactly 1_100_000_000 bytes.
+    value = Fraction(number) * _UNITS[unit.lower()]
+    if value.denominator != 1:
+        raise UsageError(f"size {text!r} is not a whole number of bytes")
+    return int(value)
+
+
+def format_size(n: int) -> str:
+    """Human-readable decimal size: 1536 -> "1.5 KB", 2_000_000_000 -> "2.0 GB"."""
+    if n < 1000:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KB", "MB", "GB", "TB", "PB"):
+        value /= 1000
+        # 999.96 would print as "1000.0 KB"; move up a unit instead.
+        if value < 999.95 or unit == "PB":
+            return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")

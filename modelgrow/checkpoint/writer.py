@@ -1,0 +1,367 @@
+"""Write a Hugging Face style safetensors checkpoint atomically.
+
+Everything is written into a hidden temporary folder beside the destination and renamed
+into place only by commit(), so a crash, a full disk or an exception leaves either the
+old destination or nothing, never half a checkpoint. Shards are packed greedily by bytes
+in the order tensors are added; at most one shard's tensors are held in memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from modelgrow.errors import InputError, OutputError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TMP_MARKER = ".modelgrow-tmp-"
+OLD_MARKER = ".modelgrow-old-"
+
+# Errors that mean "the disk (or a quota, or RLIMIT_FSIZE) has no room for this file".
+_NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+# The safetensors library reports I/O failures as its own exception type with the OS
+# error only in the message, e.g. "I/O error: File too large (os error 27)".
+_RUST_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One file of a committed checkpoint; path is relative to the destination folder."""
+
+    path: str
+    bytes: int
+    sha256: str
+
+
+class CheckpointWriter:
+    """Collect tensors and side files, then commit() them as one checkpoint folder.
+
+    with CheckpointWriter(out, max_shard_bytes=parse_size("2GB")) as writer:
+        for name, tensor in tensors:
+            writer.add(name, tensor)
+        writer.write_json("config.json", config)
+        files = writer.commit()
+    """
+
+    def __init__(
+        self,
+        dest: str | Path,
+        *,
+        max_shard_bytes: int = 2_000_000_000,
+        metadata: dict[str, str] | None = None,
+        overwrite: bool = False,
+    ):
+        if type(max_shard_bytes) is not int or max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
+        metadata = metadata or {}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError("safetensors metadata must map strings to strings")
+        self.dest = Path(dest)
+        self.max_shard_bytes = max_shard_bytes
+        self.overwrite = overwrite
+        # transformers refuses to load safetensors files without format=pt.
+        self._metadata = {"format": "pt", **metadata}
+        self._tmp: Path | None = None
+        self._state = "new"  # -> "open" -> "committed" | "aborted"
+        self._names: set[str] = set()
+        self._shard: dict[str, torch.Tensor] = {}
+        self._shard_bytes = 0
+        self._shard_storages: set[tuple] = set()
+        self._shards: list[tuple[str, list[str]]] = []  # temp file name, tensor names
+        self._written: dict[str, tuple[int, str]] = {}  # file name -> (bytes, sha256)
+        self._total_size = 0
+
+    # -- context manager ---------------------------------------------------------------
+
+    def __enter__(self) -> CheckpointWriter:
+        if self._state != "new":
+            raise RuntimeError("a CheckpointWriter can be entered only once")
+        dest = self.dest
+        if not dest.name or dest.name in (".", ".."):
+            raise OutputError("is not a usable destination folder name", path=dest)
+        if not dest.parent.is_dir():
+            raise OutputError(f"parent folder {dest.parent} does not exist", path=dest)
+        if os.path.lexists(dest) and not self.overwrite:
+            raise OutputError("exists; pass --overwrite to replace it", path=dest)
+        with self._output_errors(dest.parent):
+            _remove_stale_temp_folders(dest.parent, dest.name)
+            self._tmp = _unique_sibling(dest, TMP_MARKER)
+            os.mkdir(self._tmp)
+        self._state = "open"
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._state == "open":
+            self._abort()
+            if exc_type is None:
+                raise RuntimeError("CheckpointWriter left without commit(); nothing was written")
+        return False  # never swallow the caller's exception
+
+    # -- adding content ----------------------------------------------------------------
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append one tensor; a full shard is written out before this one starts a new one."""
+        self._require_open()
+        if not isinstance(name, str) or not name or name == "__metadata__":
+            raise ValueError(f"invalid tensor name {name!r}")
+        if name in self._names:
+            raise ValueError(f"tensor {name!r} was added twice")
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
+        tensor = tensor.detach().contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        # Greedy by bytes; a tensor larger than the limit still gets a shard of its own.
+        if self._shard and self._shard_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        # save_file refuses two tensors sharing memory in one file (tied weights added
+        # under two names, repeated layers); copying costs memory only in that case.
+        storage = (tensor.device, tensor.untyped_storage().data_ptr())
+        if storage[1] != 0:
+            if storage in self._shard_storages:
+                tensor = tensor.clone()
+                storage = (tensor.device, tensor.untyped_storage().data_ptr())
+            self._shard_storages.add(storage)
+        self._names.add(name)
+        self._shard[name] = tensor
+        self._shard_bytes += nbytes
+        self._total_size += nbytes
+
+    def write_json(self, filename: str, obj: object) -> None:
+        """Write a JSON side file (config.json, ...) deterministically."""
+        self._require_open()
+        self._check_side_file_name(filename)
+        self._write_json(filename, obj)
+
+    def _write_json(self, filename: str, obj: object) -> None:
+        text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
+        path = self._tmp / filename
+        with self._output_errors(path):
+            path.write_bytes((text + "\n").encode("utf-8"))
+            self._record(filename)
+
+    def copy_file(self, src: str | Path, name: str | None = None) -> None:
+        """Copy a tag-along file (tokenizer, generation config, ...) into the checkpoint."""
+        self._require_open()
+        src = Path(src)
+        name = name or src.name
+        self._check_side_file_name(name)
+        if not src.is_file():
+            raise InputError("cannot copy: not a file", path=src)
+        path = self._tmp / name
+        with self._output_errors(path):
+            shutil.copyfile(src, path)  # content only: no timestamps or modes carried over
+            self._record(name)
+
+    # -- committing --------------------------------------------------------------------
+
+    def commit(self) -> list[OutputFile]:
+        """Finish the last shard, write the index, and move the folder into place."""
+        self._require_open()
+        try:
+            if self._shard or not self._shards:  # an empty checkpoint is still one file
+                self._flush()
+            self._name_shards()
+            with self._output_errors(self._tmp):
+                _fsync_dir(self._tmp)
+                self._move_into_place()
+        except BaseException:
+            self._abort()
+            raise
+        self._state = "committed"
+        written = sorted(self._written.items())
+        return [OutputFile(name, size, digest) for name, (size, digest) in written]
+
+    def _name_shards(self) -> None:
+        count = len(self._shards)
+        weight_map = {}
+        for i, (tmp_name, names) in enumerate(self._shards, start=1):
+            final = SINGLE_FILE if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
+            with self._output_errors(self._tmp / final):
+                os.rename(self._tmp / tmp_name, self._tmp / final)
+            self._written[final] = self._written.pop(tmp_name)
+            weight_map.update(dict.fromkeys(names, final))
+        if count > 1:
+            index = {"metadata": {"total_size": self._total_size}, "weight_map": weight_map}
+            self._write_json(INDEX_FILE, index)
+
+    def _move_into_place(self) -> None:
+        dest = self.dest
+        if not os.path.lexists(dest):
+            try:
+                os.rename(self._tmp, dest)
+            except OSError as err:
+                if err.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                    raise _created_meanwhile(dest) from err
+                raise
+        elif not self.overwrite:
+            raise _created_meanwhile(dest)
+        else:
+            # Two renames, not one: rename() cannot replace a non-empty folder. The old
+            # checkpoint is deleted only once the new one is in place.
+            aside = _unique_sibling(dest, OLD_MARKER)
+            os.rename(dest, aside)
+            try:
+                os.rename(self._tmp, dest)
+            except OSError as err:
+                try:
+                    os.rename(aside, dest)
+                except OSError:
+                    raise OutputError(
+                        "could not move the new checkpoint into place; "
+                        f"the previous one is kept at {aside}",
+                        path=dest,
+                    ) from err
+                raise
+            _remove(aside)
+        _fsync_dir(dest.parent)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        tmp_name = f"shard-{len(self._shards):05d}.safetensors"
+        path = self._tmp / tmp_name
+        with self._output_errors(path):
+            save_file(self._shard, path, metadata=self._metadata)
+            _sort_header_metadata(path)
+            self._record(tmp_name)
+        self._shards.append((tmp_name, list(self._shard)))
+        self._shard, self._shard_bytes, self._shard_storages = {}, 0, set()
+
+    def _record(self, name: str) -> None:
+        """fsync a finished file and remember its size and sha256 for the caller."""
+        digest = hashlib.sha256()
+        size = 0
+        with open(self._tmp / name, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+            os.fsync(f.fileno())
+        self._written[name] = (size, digest.hexdigest())
+
+    def _check_side_file_name(self, name: str) -> None:
+        if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", ".."):
+            raise ValueError(f"side file name must be a plain file name, got {name!r}")
+        if name.endswith(".safetensors") or name == INDEX_FILE:
+            raise ValueError(f"{name!r} is reserved for the weights the writer produces")
+        if name in self._written:
+            raise ValueError(f"{name!r} was written twice")
+
+    def _require_open(self) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"CheckpointWriter is {self._state}; use it inside a with block")
+
+    def _abort(self) -> None:
+        self._state = "aborted"
+        self._shard, self._shard_storages = {}, set()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    @contextmanager
+    def _output_errors(self, path: Path):
+        """Turn OS-level write failures into an OutputError the CLI can print."""
+        try:
+            yield
+        except OSError as err:
+            raise _output_error(err.errno, err.strerror or str(err), path, self.dest) from err
+        except Exception as err:
+            match = _RUST_OS_ERROR.search(str(err))
+            if match is None or type(err).__name__ != "SafetensorError":
+                raise
+            raise _output_error(int(match.group(1)), str(err), path, self.dest) from err
+
+
+def _output_error(code: int | None, detail: str, path: Path, dest: Path) -> OutputError:
+    if code in _NO_SPACE:
+        return OutputError(
+            f"no space left writing {path.name}",
+            path=dest,
+            hint="the disk or quota is full or a file-size limit was hit; nothing was written",
+        )
+    return OutputError(f"cannot write {path.name}: {detail}", path=dest)
+
+
+def _created_meanwhile(dest: Path) -> OutputError:
+    return OutputError(
+        "was created by another process while the checkpoint was being written; left untouched",
+        path=dest,
+        hint="pass --overwrite to replace it",
+    )
+
+
+def _unique_sibling(dest: Path, marker: str) -> Path:
+    # Recognisable (and tied to our pid) so a later run can clean it up after a crash.
+    return dest.parent / f".{dest.name}{marker}{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _remove_stale_temp_folders(parent: Path, name: str) -> None:
+    """Delete temp folders of earlier writers to the same destination that died mid-write."""
+    prefix = f".{name}{TMP_MARKER}"
+    for entry in os.scandir(parent):
+        if not entry.name.startswith(prefix) or not entry.is_dir(follow_symlinks=False):
+            continue
+        match = re.fullmatch(r"(\d+)-[0-9a-f]+", entry.name[len(prefix) :])
+        if match and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists but belongs to someone else
+        return True
+    return True
+
+
+def _sort_header_metadata(path: Path) -> None:
+    """Rewrite __metadata__ in sorted key order, in place.
+
+    safetensors serialises the metadata map in hash-map order, which differs from run to
+    run once there are two or more keys; sorting makes identical inputs byte-identical.
+    The compact re-serialisation has the same length; any shortfall is padded with
+    spaces, which the format allows at the end of the header.
+    """
+    with open(path, "r+b") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        metadata = header.get("__metadata__")
+        if not metadata or len(metadata) < 2:
+            return
+        header["__metadata__"] = dict(sorted(metadata.items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > header_len:
+            raise RuntimeError(f"re-serialised header of {path.name} grew; cannot sort metadata")
+        f.seek(8)
+        f.write(text.ljust(header_len, b" "))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    # Best effort: the new checkpoint is already in place, so a leftover is not a failure.
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
