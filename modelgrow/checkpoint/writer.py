@@ -75,6 +75,7 @@ class CheckpointWriter:
         # transformers refuses to load safetensors files without format=pt.
         self._metadata = {"format": "pt", **metadata}
         self._tmp: Path | None = None
+        self._state_finished = False  # finish() done: shards and index final
         self._state = "new"  # -> "open" -> "committed" | "aborted"
         self._names: set[str] = set()
         self._shard: dict[str, torch.Tensor] = {}
@@ -115,6 +116,8 @@ class CheckpointWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Append one tensor; a full shard is written out before this one starts a new one."""
         self._require_open()
+        if self._state_finished:
+            raise RuntimeError("add() after finish(): the shards are final")
         if not isinstance(name, str) or not name or name == "__metadata__":
             raise ValueError(f"invalid tensor name {name!r}")
         if name in self._names:
@@ -167,13 +170,29 @@ class CheckpointWriter:
 
     # -- committing --------------------------------------------------------------------
 
-    def commit(self) -> list[OutputFile]:
-        """Finish the last shard, write the index, and move the folder into place."""
+    def finish(self) -> Path:
+        """Finish the last shard and the index; return the staged (temporary) folder.
+
+        Nothing is at the destination yet: callers can inspect or verify the staged
+        checkpoint and still abandon it. commit() then moves it into place.
+        """
         self._require_open()
+        if self._state_finished:
+            return self._tmp
         try:
             if self._shard or not self._shards:  # an empty checkpoint is still one file
                 self._flush()
             self._name_shards()
+        except BaseException:
+            self._abort()
+            raise
+        self._state_finished = True
+        return self._tmp
+
+    def commit(self) -> list[OutputFile]:
+        """Finish (if not done yet) and move the folder into place."""
+        self.finish()
+        try:
             with self._output_errors(self._tmp):
                 _fsync_dir(self._tmp)
                 self._move_into_place()

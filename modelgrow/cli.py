@@ -1,0 +1,208 @@
+"""The command line: parses, calls the library, prints. Nothing here that Python can't do."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import EXIT_INTERNAL, EXIT_VERIFY_FAILED, ModelgrowError
+from .plan import DEPTH_MODES, GrowthSpec
+
+SIZE_HELP = "a factor (2x, 1.5x) or an absolute size (1024)"
+
+
+def handle_errors(fn):
+    """A user's mistake is one line on stderr and an exit code, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise  # click prints usage errors itself (exit code 2)
+        except ModelgrowError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written", err=True)
+            sys.exit(130)
+        except Exception as err:  # noqa: BLE001 - a bug: say so in one line, trace on request
+            if os.environ.get("MODELGROW_DEBUG"):
+                traceback.print_exc()
+            click.echo(
+                f"internal error: {type(err).__name__}: {err} (a modelgrow bug; set MODELGROW_DEBUG=1 for the traceback)",
+                err=True,
+            )
+            sys.exit(EXIT_INTERNAL)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="modelgrow")
+def main():
+    """Grow a small pretrained transformer checkpoint into a larger one.
+
+    Exit codes: 0 success, 1 internal error, 2 bad usage, 3 bad input,
+    4 verification failed, 5 output could not be written.
+    """
+
+
+def _progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Folder to write the grown checkpoint to.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="config.json, when not beside SOURCE.")
+@click.option("--width", help=f"Hidden size: {SIZE_HELP}.")
+@click.option("--depth", help=f"Number of layers: {SIZE_HELP}.")
+@click.option("--heads", help=f"Attention heads (head size never changes): {SIZE_HELP}.")
+@click.option("--kv-heads", help=f"Key/value heads for grouped-query attention: {SIZE_HELP}.")
+@click.option("--ffn", help=f"FFN hidden size: {SIZE_HELP}. Default: scaled with the width.")
+@click.option("--depth-mode", type=click.Choice(DEPTH_MODES), default="identity", show_default=True,
+              help="identity: inserted blocks add nothing (exact for pre-LN); interleave: 0,0,1,1,..; stack: 0,1,..,0,1,.. (not exact).")
+@click.option("--operator", default="copy", show_default=True, help="Growth operator (see `modelgrow plugins`).")
+@click.option("--noise", type=float, default=0.01, show_default=True,
+              help="Symmetry-breaking noise, relative to each tensor's spread (0 for none).")
+@click.option("--noise-mode", type=click.Choice(["exact", "plain"]), default="exact", show_default=True,
+              help="exact: noise cancels across copies (function preserved); plain: noise everywhere.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for noise; same seed, same bytes.")
+@click.option("--max-shard-size", default="2GB", show_default=True,
+              help="Largest shard in bytes; units KB/MB/GB (powers of 1000) or KiB/MiB/GiB.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
+@click.option("--verify/--no-verify", default=None, help="Run both models and compare outputs [default: on up to 300M parameters].")
+@click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
+@click.option("--allow-nonfinite", is_flag=True, help="Grow weights that hold NaN or Inf instead of refusing.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write a JSON report of the run here.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or plan table.")
+@handle_errors
+def convert(source, output, config_path, width, depth, heads, kv_heads, ffn, depth_mode, operator, noise,
+            noise_mode, seed, max_shard_size, overwrite, verify, dry_run, allow_nonfinite, report_path, quiet):
+    """Grow SOURCE (a .safetensors file, a sharded index, or a Hugging Face folder)."""
+    from .grow import convert as run
+
+    if output is None and not dry_run:
+        raise click.UsageError("give -o/--output, or --dry-run to only print the plan")
+    spec = GrowthSpec(width=width, depth=depth, heads=heads, kv_heads=kv_heads, ffn=ffn, depth_mode=depth_mode)
+    report = run(
+        source, None if dry_run else output, spec,
+        operator=operator,
+        operator_options={"noise": noise, "noise_mode": noise_mode, "seed": seed},
+        config_path=config_path, max_shard_size=max_shard_size, overwrite=overwrite, verify=verify,
+        dry_run=dry_run, allow_nonfinite=allow_nonfinite, report_path=report_path, progress=_progress(quiet),
+    )
+    if not quiet or dry_run:
+        click.echo(format_plan(report))
+    if "verify" in report:
+        click.echo(format_verify(report["verify"]))
+    if "output" in report:
+        out = report["output"]
+        size = sum(f["bytes"] for f in out["files"])
+        click.echo(f"wrote {out['path']} ({len(out['files'])} files, {size:,} bytes) in {report['timings']['total_s']:.1f}s")
+
+
+def format_plan(report: dict) -> str:
+    plan, promise = report["plan"], report["promise"]
+    rows = [f"{plan['architecture']} ({plan['class']}) · operator {report['operator']['name']} · depth mode {plan['depth_mode']}",
+            f"{'':12}{'source':>12}{'target':>12}"]
+    for key in ("residual", "layers", "heads", "kv_heads", "head_dim", "ffn", "vocab"):
+        rows.append(f"{key:12}{plan['source'][key]:>12,}{plan['target'][key]:>12,}")
+    ratio = plan["target_params"] / max(1, plan["source_params"])
+    rows.append(f"{'parameters':12}{plan['source_params']:>12,}{plan['target_params']:>12,}  ({ratio:.2f}x)")
+    exact = "yes" if promise["exact"] else "no"
+    rows.append(f"function-preserving: {exact}" + "".join(f"\n  - {n}" for n in promise["notes"]))
+    return "\n".join(rows)
+
+
+def format_verify(v: dict) -> str:
+    if "skipped" in v:
+        return f"verify: skipped ({v['skipped']})"
+    verdict = "matches" if v["passed"] else "differs from"
+    return (f"verify: grown model {verdict} the source: max |Δ {v['output']}| = {v['max_abs_diff']:.3g} "
+            f"(tolerance {v['tolerance']:.3g}, batch {v['batch']} × {v['seq']} tokens)")
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="config.json, when not beside PATH.")
+@click.option("--tensors", is_flag=True, help="List every tensor with its shape, dtype and axis roles.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def inspect(path, config_path, tensors, as_json):
+    """Show a checkpoint's architecture, sizes, tensors and parameter count."""
+    from .inspect import describe
+
+    info = describe(path, config_path, tensors=tensors)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        return
+    click.echo(f"{info['path']}: {info['architecture']} ({info['class']}), {info['params']:,} parameters, "
+               f"{info['dtype']}, {len(info['files'])} file(s), tied embeddings: {'yes' if info['tied_embeddings'] else 'no'}")
+    click.echo("  " + ", ".join(f"{k}={v}" for k, v in info["dims"].items() if v is not None))
+    for t in info.get("tensors", []):
+        click.echo(f"  {t['name']:60} {str(t['shape']):>16} {t['dtype']:>8}  {t['axes']}")
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("grown", type=click.Path(path_type=Path))
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="config.json of SOURCE, when not beside it.")
+@click.option("--batch", type=int, default=2, show_default=True)
+@click.option("--seq", type=int, default=16, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def verify(source, grown, config_path, batch, seq, seed, as_json):
+    """Run SOURCE and GROWN on the same random inputs and compare their outputs.
+
+    Exits 4 when they differ by more than the tolerance.
+    """
+    from .source import open_source
+    from .verify import compare
+
+    with open_source(source, config_path) as s, open_source(grown) as g:
+        result = compare(s, g, batch=batch, seq=seq, seed=seed)
+    click.echo(json.dumps(result.as_dict(), indent=2) if as_json else format_verify(result.as_dict()))
+    if not result.passed:
+        sys.exit(EXIT_VERIFY_FAILED)
+
+
+@main.command()
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Keep the grown demo model here.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@handle_errors
+def demo(output, overwrite):
+    """Grow the small GPT-2 shipped with modelgrow 2x wide and 2x deep, verify, and sample."""
+    from .demo import run_demo
+
+    run_demo(output, overwrite=overwrite, echo=click.echo, progress=_progress(False))
+
+
+@main.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def plugins_command(as_json):
+    """List loaded plugins, where they come from, and what they register."""
+    from . import plugins
+
+    rows, failed = plugins.describe_plugins(), plugins.failures()
+    if as_json:
+        click.echo(json.dumps({"plugins": rows, "failures": [f.__dict__ for f in failed]}, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['name']}  [{r['distribution']} {r['version']}]")
+        for key in ("architectures", "operators"):
+            if r[key]:
+                click.echo(f"  {key}: {', '.join(r[key])}")
+        click.echo(f"  hooks: {', '.join(r['hooks'])}")
+    for f in failed:
+        click.echo(f"{f.name}  FAILED to load: {f.error}")

@@ -1,0 +1,148 @@
+"""The conversion pipeline: read → plan → operator → write (staged) → verify → commit.
+
+Everything the CLI's `convert` does is here, callable from Python. Tensors stream one
+at a time from the memory-mapped source into byte-bounded shards; the destination only
+appears, complete, after verification passed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__, plugins
+from .checkpoint import CheckpointWriter, parse_size
+from .errors import InputError, OutputError, VerificationError
+from .plan import GrowthSpec, Plan, make_plan
+from .report import write_report
+from .source import SourceModel, open_source
+from .verify import compare
+
+# Verification runs both models on the CPU; past this size it is opt-in (--verify).
+AUTO_VERIFY_MAX_PARAMS = 300_000_000
+
+
+def provenance(plan: Plan, operator_name: str, options: dict[str, Any]) -> dict[str, str]:
+    """safetensors metadata (str -> str) saying where a grown checkpoint came from."""
+    return {
+        "modelgrow.version": __version__,
+        "modelgrow.source": str(plan.source.path),
+        "modelgrow.operator": operator_name,
+        "modelgrow.options": json.dumps(options, sort_keys=True),
+        "modelgrow.plan": json.dumps(
+            {"source": plan.old.as_dict(), "target": plan.new.as_dict(), "depth_mode": plan.spec.depth_mode},
+            sort_keys=True,
+        ),
+    }
+
+
+def _check_destination(source: SourceModel, dest: Path) -> None:
+    src = Path(source.checkpoint.path).resolve()
+    d = dest.resolve()
+    inputs = {src, Path(source.checkpoint.root).resolve(), *(Path(f).resolve() for f in source.checkpoint.files)}
+    if d in inputs:
+        raise OutputError("output path is the input", path=dest, hint="choose another -o/--output")
+
+
+def convert(
+    source_path: str | Path,
+    dest: str | Path | None,
+    spec: GrowthSpec,
+    *,
+    operator: str = "copy",
+    operator_options: dict[str, Any] | None = None,
+    config_path: str | Path | None = None,
+    max_shard_size: str | int = "2GB",
+    overwrite: bool = False,
+    verify: bool | None = None,
+    dry_run: bool = False,
+    allow_nonfinite: bool = False,
+    report_path: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Grow the checkpoint at ``source_path`` into ``dest``; return the run's report."""
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    options = dict(operator_options or {})
+    max_shard_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    with open_source(source_path, config_path) as source:
+        plan = make_plan(source, spec)
+        op = plugins.get_operator(operator)(plan, **options)
+        timings["plan_s"] = time.perf_counter() - started
+        report: dict[str, Any] = {
+            "modelgrow_version": __version__,
+            "command": "convert",
+            "source": {"path": str(source_path), "params": plan.source_params(), "files": [str(f) for f in source.checkpoint.files]},
+            "plan": plan.summary(),
+            "operator": {"name": op.name, "options": op.describe_options()},
+            "promise": op.promise().as_dict(),
+            "dry_run": dry_run,
+        }
+        if dry_run or dest is None:
+            report["timings"] = timings
+            write_report(report, report_path)
+            return report
+        dest = Path(dest)
+        _check_destination(source, dest)
+        if verify is None:
+            verify = plan.target_params() <= AUTO_VERIFY_MAX_PARAMS
+        t0 = time.perf_counter()
+        with CheckpointWriter(dest, max_shard_bytes=max_shard_bytes, metadata=provenance(plan, op.name, op.describe_options()), overwrite=overwrite) as writer:
+            _write_tensors(plan, op, writer, allow_nonfinite, progress)
+            writer.write_json("config.json", plan.config)
+            for f in source.checkpoint.tagalong_files():
+                writer.copy_file(f)
+            staged = writer.finish()
+            timings["write_s"] = time.perf_counter() - t0
+            if verify:
+                t1 = time.perf_counter()
+                report["verify"] = _verify(source, staged, op.promise().exact)
+                timings["verify_s"] = time.perf_counter() - t1
+            files = writer.commit()
+        report["output"] = {
+            "path": str(dest),
+            "params": plan.target_params(),
+            "files": [{"name": f.path, "bytes": f.bytes, "sha256": f.sha256} for f in files],
+        }
+    timings["total_s"] = time.perf_counter() - started
+    report["timings"] = timings
+    write_report(report, report_path)
+    return report
+
+
+def _write_tensors(plan: Plan, op, writer: CheckpointWriter, allow_nonfinite: bool, progress: bool) -> None:
+    bar = tqdm(plan.targets, desc="growing", unit="tensor", disable=not progress, leave=False)
+    for target in bar:
+        dtype = plan.source.info(target.spec, target.source_layer).dtype
+        w = op.tensor(target)
+        if not allow_nonfinite and w.is_floating_point() and not torch.isfinite(w).all():
+            src = plan.source.stored_name(target.spec, target.source_layer)
+            raise InputError(
+                f"tensor {src!r} holds NaN or Inf values",
+                path=plan.source.checkpoint.path,
+                hint="pass --allow-nonfinite to grow it anyway",
+            )
+        writer.add(target.name, w.to(dtype).contiguous())
+
+
+def _verify(source: SourceModel, staged: Path, promised_exact: bool) -> dict:
+    try:
+        with open_source(staged) as grown:
+            result = compare(source, grown)
+    except NotImplementedError as exc:
+        return {"skipped": str(exc)}
+    out = result.as_dict()
+    out["promised_exact"] = promised_exact
+    if promised_exact and not result.passed:
+        raise VerificationError(
+            f"grown model differs from the source by {result.max_abs_diff:.3g} "
+            f"(tolerance {result.tolerance:.3g}) although the growth is exact",
+            path=source.path,
+            hint="nothing was written; please report this as a bug",
+        )
+    return out

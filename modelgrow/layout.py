@@ -1,0 +1,275 @@
+"""Architecture layouts: the declarative description of a checkpoint (data, not code).
+
+A layout says where an architecture keeps its sizes in config.json and, for every
+tensor, its name template and what each storage axis means (its *role*). Growth
+operators read only roles, never architecture names. The format is specified by
+``schemas/layout.schema.json`` and explained field by field in ``schemas/LAYOUT.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from .errors import InputError, LayoutError
+
+LAYER = "${layer}"
+
+# Roles whose size follows the model's dims; every other role is a fixed size that
+# growth leaves alone (vocabulary, positions, image channels, ...).
+GROWABLE_ROLES = ("residual", "attn", "kv", "ffn")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a layout: a name template and a role per storage axis.
+
+    ``axes[i]`` is the tuple of roles concatenated along axis i (fused projections such
+    as GPT-2's ``c_attn`` have several). ``in_axis`` is the axis the tensor reads from
+    (the input of a Linear); every other axis is written to.
+    """
+
+    name: str
+    axes: tuple[tuple[str, ...], ...]
+    in_axis: int | None
+    kind: str
+    optional: bool
+    section: str
+
+    @property
+    def per_layer(self) -> bool:
+        return self.section == "layer"
+
+    @property
+    def writes_residual(self) -> bool:
+        """True for parameters that add into the residual stream (output projections,
+        embeddings, their biases): the tensors an identity block must zero."""
+        return self.kind == "param" and any(
+            axis == ("residual",) for i, axis in enumerate(self.axes) if i != self.in_axis
+        )
+
+    def render(self, layer: int | None) -> str:
+        return self.name if layer is None else self.name.replace(LAYER, str(layer))
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes growth changes. ``attn`` and ``kv`` role sizes derive from heads."""
+
+    residual: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    positions: int | None = None
+
+    def role_size(self, role: str) -> int | None:
+        return {
+            "residual": self.residual,
+            "attn": self.heads * self.head_dim,
+            "kv": self.kv_heads * self.head_dim,
+            "ffn": self.ffn,
+            "vocab": self.vocab,
+            "positions": self.positions,
+        }.get(role)
+
+    def as_dict(self) -> dict[str, int | None]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    description: str
+    model_types: tuple[str, ...]
+    config_has: tuple[str, ...]
+    norm_type: str
+    norm_placement: str
+    eps_key: str | None
+    config_keys: dict[str, str]
+    ffn_default_multiple: float | None
+    base_prefix: str
+    classes: dict[str, dict[str, Any]]
+    default_class: str | None
+    tie: dict[str, Any] | None
+    aliases: tuple[tuple[str, str], ...]
+    ignore: tuple[str, ...]
+    tensors: tuple[TensorSpec, ...]
+    source: str = field(default="<memory>", compare=False)
+
+    # -- loading -----------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Layout:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LayoutError(f"cannot read layout: {exc}", path=path) from None
+        except json.JSONDecodeError as exc:
+            raise LayoutError(f"layout is not valid JSON: {exc}", path=path) from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<memory>") -> Layout:
+        validate_layout(data, source)
+        tensors = []
+        for section in ("pre", "layer", "post"):
+            for entry in data["tensors"].get(section, []):
+                axes = tuple(tuple(a.split("|")) for a in entry["axes"])
+                tensors.append(
+                    TensorSpec(
+                        name=entry["name"],
+                        axes=axes,
+                        in_axis=entry.get("in"),
+                        kind=entry.get("kind", "param"),
+                        optional=entry.get("optional", False),
+                        section=section,
+                    )
+                )
+        layout = cls(
+            name=data["name"],
+            description=data.get("description", ""),
+            model_types=tuple(data["match"].get("model_types", ())),
+            config_has=tuple(data["match"].get("config_has", ())),
+            norm_type=data["norm"]["type"],
+            norm_placement=data["norm"]["placement"],
+            eps_key=data["norm"].get("eps_key"),
+            config_keys=dict(data["config_keys"]),
+            ffn_default_multiple=data.get("ffn_default_multiple"),
+            base_prefix=data.get("base_prefix", ""),
+            classes=dict(data.get("classes", {})),
+            default_class=data.get("default_class"),
+            tie=data.get("tie"),
+            aliases=tuple((a, b) for a, b in data.get("aliases", [])),
+            ignore=tuple(data.get("ignore", [])),
+            tensors=tuple(tensors),
+            source=source,
+        )
+        layout._check_consistency()
+        return layout
+
+    def _check_consistency(self) -> None:
+        """Rules JSON Schema cannot say: cross-references between fields."""
+        names = {t.name for t in self.tensors}
+        if len(names) != len(self.tensors):
+            self._fail("tensors", "a tensor name appears twice")
+        for t in self.tensors:
+            where = f"tensors.{t.section}[{t.name}]"
+            if t.in_axis is not None and t.in_axis >= len(t.axes):
+                self._fail(where, f"'in' is {t.in_axis} but the tensor has {len(t.axes)} axes")
+            if (LAYER in t.name) != t.per_layer:
+                self._fail(where, "exactly the 'layer' tensors must contain ${layer} in their name")
+            if t.kind != "param" and t.axes != (("residual",),):
+                self._fail(where, f"a {t.kind} tensor must have axes [\"residual\"]")
+        if self.tie:
+            for key in ("head", "embedding"):
+                if self.tie[key] not in names:
+                    self._fail(f"tie.{key}", f"'{self.tie[key]}' is not a tensor of this layout")
+            for n in self.tie.get("norm_before_head", []):
+                if n not in names:
+                    self._fail("tie.norm_before_head", f"'{n}' is not a tensor of this layout")
+        if self.default_class and self.classes and self.default_class not in self.classes:
+            self._fail("default_class", f"'{self.default_class}' is not one of 'classes'")
+
+    def _fail(self, where: str, reason: str) -> None:
+        raise LayoutError(f"layout is invalid at $.{where}: {reason}", path=self.source)
+
+    # -- queries -----------------------------------------------------------------
+
+    def tensor(self, name: str) -> TensorSpec:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def dims(self, config: dict, config_path: str | Path | None = None) -> Dims:
+        """Read the growable sizes from a config, filling the usual defaults."""
+
+        def read(role: str, required: bool = True) -> int | None:
+            key = self.config_keys.get(role)
+            value = config.get(key) if key else None
+            if value is None:
+                if required:
+                    raise InputError(
+                        f"config has no '{key or role}' ({role} size) for a {self.name} model",
+                        path=config_path,
+                    )
+                return None
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise InputError(f"config '{key}' must be a positive integer, got {value!r}", path=config_path)
+            return value
+
+        residual = read("residual")
+        heads = read("heads")
+        kv_heads = read("kv_heads", required=False) or heads
+        head_dim = read("head_dim", required=False)
+        if head_dim is None:
+            if residual % heads:
+                raise InputError(
+                    f"{self.config_keys['residual']}={residual} is not divisible by "
+                    f"{self.config_keys['heads']}={heads}",
+                    path=config_path,
+                )
+            head_dim = residual // heads
+        if heads % kv_heads:
+            raise InputError(f"{heads} attention heads are not divisible by {kv_heads} key/value heads", path=config_path)
+        ffn = read("ffn", required=False)
+        if ffn is None:
+            if self.ffn_default_multiple is None:
+                raise InputError(f"config has no '{self.config_keys.get('ffn', 'ffn')}'", path=config_path)
+            ffn = int(round(self.ffn_default_multiple * residual))
+        return Dims(
+            residual=residual,
+            layers=read("layers"),
+            heads=heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            ffn=ffn,
+            vocab=read("vocab"),
+            positions=read("positions", required=False),
+        )
+
+    def claims(self, config: dict) -> bool:
+        if self.model_types and config.get("model_type") in self.model_types:
+            return True
+        return bool(self.config_has) and all(k in config for k in self.config_has)
+
+    def ignore_patterns(self) -> list[re.Pattern]:
+        return [_template_regex(p) for p in self.ignore]
+
+
+def _template_regex(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(re.escape(LAYER), r"\d+") + "$")
+
+
+@lru_cache(maxsize=None)
+def _schema(name: str) -> dict:
+    text = resources.files("modelgrow").joinpath("schemas", name).read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def layout_schema() -> dict:
+    return _schema("layout.schema.json")
+
+
+def validate_layout(data: Any, source: str = "<memory>") -> None:
+    """Validate against the JSON Schema; the error names the JSON path and the reason."""
+    validator = jsonschema.Draft202012Validator(layout_schema())
+    error = jsonschema.exceptions.best_match(validator.iter_errors(data))
+    if error is not None:
+        raise LayoutError(f"layout does not validate at {error.json_path}: {error.message}", path=source)
+
+
+def builtin_layout_paths() -> list[Path]:
+    folder = resources.files("modelgrow.layouts")
+    return sorted(Path(str(p)) for p in folder.iterdir() if p.name.endswith(".json"))

@@ -1,0 +1,118 @@
+"""The `copy` operator: function-preserving growth where mathematics allows it.
+
+Width: residual writers copy rows along the unit map, readers copy columns and divide
+by the copy count (Net2Net / HyperCloning); non-integer widths of pre-LN models pad the
+residual with its mean (LayerNorm) or zero (RMSNorm) and rescale norm gains (LEMON).
+Heads are copied whole, key/value heads in step, so query groups stay consistent.
+Depth: `identity` inserts copies whose residual writers are zero; `interleave` and
+`stack` insert full copies (not exact). Symmetry breaking: `--noise` with
+`--noise-mode exact` adds noise that cancels across copies of a split input; `plain`
+adds noise everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from ..errors import UsageError
+from ..hookspecs import hookimpl
+from ..maps import AxisMap, RoleMaps
+from ..plan import Promise, TargetTensor  # noqa: F401 (Promise in signatures)
+from .base import Operator
+
+NOISE_MODES = ("exact", "plain")
+
+
+class CopyOperator(Operator):
+    name = "copy"
+    description = "exact function-preserving growth (tile, split, pad, identity blocks); stack/interleave depth"
+
+    def __init__(self, plan, **options):
+        super().__init__(plan, **options)
+        self.noise = float(options.get("noise", 0.0) or 0.0)
+        self.noise_mode = options.get("noise_mode", "exact") or "exact"
+        if self.noise < 0 or not math.isfinite(self.noise):
+            raise UsageError(f"--noise must be a non-negative number, got {self.noise}")
+        if self.noise_mode not in NOISE_MODES:
+            raise UsageError(f"unknown --noise-mode {self.noise_mode!r}", hint="choose exact or plain")
+        layout = plan.source.layout
+        self.maps = RoleMaps(plan.old, plan.new, layout.norm_type, layout.norm_placement)
+        tie = layout.tie
+        self.head_norms = set(tie.get("norm_before_head", [])) if tie and plan.source.tied else set()
+
+    def promise(self) -> Promise:
+        p = self.plan.promise
+        if self.noise > 0 and self.noise_mode == "plain":
+            return dataclasses.replace(p, noise=False, notes=p.notes + ["plain noise: not exact by design"])
+        return p
+
+    def describe_options(self):
+        return {**super().describe_options(), "noise": self.noise, "noise_mode": self.noise_mode}
+
+    def tensor(self, target: TargetTensor) -> torch.Tensor:
+        spec = target.spec
+        if target.inserted and self.plan.spec.depth_mode == "identity" and spec.writes_residual:
+            # An identity block: it reads the residual but adds nothing to it (yet).
+            return torch.zeros(target.shape)
+        w = self.source.get(spec, target.source_layer).to(torch.float32)
+        gen = self.generator(target)
+        grown = False
+        for axis, roles in enumerate(spec.axes):
+            m = self.maps.for_axis(roles, w.shape[axis])
+            if m is None:
+                continue
+            grown = True
+            if axis == spec.in_axis:
+                w = self._split(w, axis, m, gen)
+            else:
+                w = self._copy(w, axis, m, spec.kind)
+        if spec.kind == "norm_weight" and self.plan.residual_pad:
+            w = w * math.sqrt(self.plan.norm_scale)
+        if spec.name in self.head_norms:
+            # Tied head: the embedding is copied (not split), so its logits come out
+            # k times too large; the norm right before the head takes the 1/k.
+            w = w / self.plan.width_multiple
+        if grown and self.noise > 0 and self.noise_mode == "plain" and spec.kind == "param":
+            w = w + self.noise * w.std() * torch.randn(w.shape, generator=gen)
+        assert tuple(w.shape) == target.shape, (target.name, w.shape, target.shape)
+        return w
+
+    def _copy(self, w: torch.Tensor, axis: int, m: AxisMap, kind: str) -> torch.Tensor:
+        out = w.index_select(axis, m.index.clamp(min=0))
+        if m.pad.any():
+            fill = {"norm_weight": "one", "norm_bias": "zero"}.get(kind, self.maps.pad_value)
+            moved = out.movedim(axis, 0)
+            if fill == "mean":  # the padding unit carries the mean of the stream
+                moved[m.pad] = w.movedim(axis, 0).mean(dim=0)
+            else:
+                moved[m.pad] = 1.0 if fill == "one" else 0.0
+            out = moved.movedim(0, axis)
+        return out
+
+    def _split(self, w: torch.Tensor, axis: int, m: AxisMap, gen: torch.Generator) -> torch.Tensor:
+        shape = [1] * w.dim()
+        shape[axis] = -1
+        out = w.index_select(axis, m.index.clamp(min=0)) / m.count.view(shape)
+        moved = out.movedim(axis, 0)
+        if self.noise > 0 and self.noise_mode == "exact":
+            moved = moved + _cancelling_noise(moved, m, self.noise * float(moved.std()), gen)
+        moved[m.pad] = 0.0  # padding units are zero after the norm: their weights are free
+        return moved.movedim(0, axis)
+
+
+def _cancelling_noise(x: torch.Tensor, m: AxisMap, scale: float, gen: torch.Generator) -> torch.Tensor:
+    """Noise along dim 0 that sums to zero over the copies of each source unit."""
+    noise = torch.randn(x.shape, generator=gen) * scale
+    valid = ~m.pad
+    sums = torch.zeros((m.old_size, *x.shape[1:])).index_add_(0, m.index[valid], noise[valid])
+    mean = sums / torch.bincount(m.index[valid], minlength=m.old_size).clamp(min=1).view(-1, *[1] * (x.dim() - 1))
+    noise[valid] -= mean[m.index[valid]]
+    return noise
+
+
+@hookimpl
+def register_operators(register):
+    register(CopyOperator)

@@ -1,0 +1,265 @@
+"""The growth plan: from source dims and a user's spec to target dims, the target
+config, every target tensor's shape, parameter counts and an honest exactness promise.
+
+No tensors are touched here, so `--dry-run` is instant on any model size.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+from .layout import Dims, TensorSpec
+from .source import SourceModel
+
+DEPTH_MODES = ("identity", "interleave", "stack")
+
+
+@dataclass(frozen=True)
+class GrowthSpec:
+    """What the user asked for. Each size is a factor ("2x", "1.5x") or absolute ("1024")."""
+
+    width: str | None = None
+    depth: str | None = None
+    heads: str | None = None
+    kv_heads: str | None = None
+    ffn: str | None = None
+    depth_mode: str = "identity"
+
+
+@dataclass(frozen=True)
+class TargetTensor:
+    spec: TensorSpec
+    layer: int | None  # target layer index
+    source_layer: int | None  # the source layer it is grown from
+    inserted: bool  # an extra copy added by depth growth (identity mode zeroes its writers)
+    name: str
+    shape: tuple[int, ...]
+    source_shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class Promise:
+    """Which parts of the growth preserve the function exactly, and why not."""
+
+    width: bool = True
+    heads: bool = True
+    depth: bool = True
+    noise: bool = True  # False when symmetry-breaking noise changes the function
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def exact(self) -> bool:
+        return self.width and self.heads and self.depth and self.noise
+
+    def as_dict(self) -> dict:
+        return {
+            "exact": self.exact,
+            "width": self.width,
+            "heads": self.heads,
+            "depth": self.depth,
+            "noise": self.noise,
+            "notes": list(self.notes),
+        }
+
+
+@dataclass
+class Plan:
+    source: SourceModel
+    spec: GrowthSpec
+    old: Dims
+    new: Dims
+    depth_map: list[tuple[int, bool]]  # per target layer: (source layer, inserted?)
+    config: dict  # the target config.json
+    targets: list[TargetTensor]
+    promise: Promise
+
+    @property
+    def width_multiple(self) -> int:
+        """Whole copies of every residual unit (k in D2 = k*D1 + r)."""
+        return self.new.residual // self.old.residual
+
+    @property
+    def residual_pad(self) -> int:
+        return self.new.residual % self.old.residual
+
+    @property
+    def norm_scale(self) -> float:
+        """s = k*D1/D2: the variance shrink that padding units cause (1 when r = 0)."""
+        return self.width_multiple * self.old.residual / self.new.residual
+
+    def source_params(self) -> int:
+        return self.source.param_count()
+
+    def target_params(self) -> int:
+        return sum(t.numel for t in self.targets)
+
+    def summary(self) -> dict:
+        return {
+            "architecture": self.source.layout.name,
+            "class": self.source.arch.class_name(self.source.config),
+            "source": self.old.as_dict(),
+            "target": self.new.as_dict(),
+            "depth_mode": self.spec.depth_mode,
+            "depth_map": [{"source_layer": s, "inserted": i} for s, i in self.depth_map],
+            "tied_embeddings": self.source.tied,
+            "source_params": self.source_params(),
+            "target_params": self.target_params(),
+            "promise": self.promise.as_dict(),
+        }
+
+
+_AMOUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(x?)\s*$", re.IGNORECASE)
+
+
+def parse_amount(text: str | None, current: int, what: str, option: str) -> int:
+    """'2x' multiplies, '1024' is absolute; the result must be a whole number."""
+    if text is None:
+        return current
+    m = _AMOUNT.match(str(text))
+    if not m:
+        raise UsageError(f"{option} {text!r} is not a size", hint="use a factor such as 2x or 1.5x, or an absolute number")
+    value = float(m.group(1))
+    result = value * current if m.group(2) else value
+    if abs(result - round(result)) > 1e-9:
+        raise UsageError(f"{option} {text} gives {result:g} {what}, not a whole number", hint="choose another factor or give the size")
+    return int(round(result))
+
+
+def make_plan(source: SourceModel, spec: GrowthSpec) -> Plan:
+    layout, old = source.layout, source.dims
+    if spec.depth_mode not in DEPTH_MODES:
+        raise UsageError(f"unknown depth mode {spec.depth_mode!r}", hint=f"choose one of {', '.join(DEPTH_MODES)}")
+    promise = Promise()
+
+    residual = parse_amount(spec.width, old.residual, "hidden units", "--width")
+    layers = parse_amount(spec.depth, old.layers, "layers", "--depth")
+    for what, new, cur in (("width", residual, old.residual), ("depth", layers, old.layers)):
+        if new < cur:
+            raise UsageError(f"target {what} {new} is smaller than the source's {cur}", hint="modelgrow only grows models")
+
+    # Heads grow in number; head_dim never changes (RoPE pairs and the 1/sqrt(d) scale need it).
+    head_dim_free = "head_dim" in layout.config_keys  # hidden size need not equal heads*head_dim
+    if spec.heads is not None:
+        heads = parse_amount(spec.heads, old.heads, "heads", "--heads")
+    elif head_dim_free:
+        heads = old.heads * residual / old.residual
+        if heads != int(heads):
+            raise UsageError(f"--width gives {heads:g} attention heads", hint="pass --heads")
+        heads = int(heads)
+    else:
+        if residual % old.head_dim:
+            raise UsageError(
+                f"width {residual} is not a multiple of head_dim {old.head_dim}",
+                hint=f"heads keep their size; choose a width divisible by {old.head_dim}",
+            )
+        heads = residual // old.head_dim
+    if heads < old.heads:
+        raise UsageError(f"target heads {heads} is fewer than the source's {old.heads}", hint="modelgrow only grows models")
+    if not head_dim_free and heads * old.head_dim != residual:
+        raise UsageError(
+            f"heads do not divide: {heads} heads of size {old.head_dim} make {heads * old.head_dim}, not the width {residual}",
+            hint="change --heads or --width",
+        )
+
+    group = old.heads // old.kv_heads
+    if spec.kv_heads is not None:
+        if "kv_heads" not in layout.config_keys:
+            raise UsageError(f"the {layout.name} architecture has no separate key/value heads", hint="drop --kv-heads")
+        kv_heads = parse_amount(spec.kv_heads, old.kv_heads, "key/value heads", "--kv-heads")
+    elif heads % group == 0:
+        kv_heads = heads // group
+    else:
+        raise UsageError(f"{heads} heads cannot keep query groups of {group}", hint="pass --kv-heads or another --heads")
+    if kv_heads < old.kv_heads or heads % kv_heads:
+        raise UsageError(f"{kv_heads} key/value heads do not divide {heads} heads (source has {old.kv_heads})", hint="change --kv-heads")
+    if heads // kv_heads != group:
+        promise.heads = False
+        promise.notes.append(f"query groups change from {group} to {heads // kv_heads} heads per key/value head: not exact")
+
+    ffn = parse_amount(spec.ffn, old.ffn, "FFN units", "--ffn") if spec.ffn else old.ffn * residual / old.residual
+    if ffn != int(ffn):
+        ffn = math.ceil(ffn)
+    ffn = int(ffn)
+    if ffn < old.ffn:
+        raise UsageError(f"target FFN size {ffn} is smaller than the source's {old.ffn}", hint="modelgrow only grows models")
+
+    new = Dims(residual, layers, heads, kv_heads, old.head_dim, ffn, old.vocab, old.positions)
+
+    if residual % old.residual:
+        if layout.norm_placement == "pre":
+            promise.notes.append("non-integer width: residual padded LEMON-style (norm gain x sqrt(s), eps x s)")
+        else:
+            promise.width = False
+            promise.notes.append("non-integer width of a post-LN model: LayerNorm statistics change, not exact")
+
+    depth_map = _depth_map(old.layers, layers, spec.depth_mode)
+    if layers > old.layers:
+        if spec.depth_mode != "identity":
+            promise.depth = False
+            promise.notes.append(f"depth mode {spec.depth_mode!r} copies whole blocks: not function-preserving")
+        elif layout.norm_placement == "post":
+            promise.depth = False
+            promise.notes.append("post-LN model: an inserted block still applies its LayerNorms, so depth growth is not exact")
+
+    plan = Plan(source, spec, old, new, depth_map, {}, [], promise)
+    plan.config = _target_config(plan)
+    source.arch.validate_config(plan.config)
+    plan.targets = _targets(plan)
+    return plan
+
+
+def _depth_map(old: int, new: int, mode: str) -> list[tuple[int, bool]]:
+    if mode == "stack":  # whole-model order: 0..L-1, 0..L-1, ... (G_stack, StackBERT)
+        return [(i % old, i >= old) for i in range(new)]
+    # identity / interleave: each source layer followed by its extra copies, spread evenly.
+    extra = new - old
+    out = []
+    for i in range(old):
+        copies = 1 + extra // old + (1 if (i + 1) * (extra % old) // old > i * (extra % old) // old else 0)
+        out += [(i, False)] + [(i, True)] * (copies - 1)
+    return out
+
+
+def _target_config(plan: Plan) -> dict:
+    layout, cfg = plan.source.layout, copy.deepcopy(plan.source.config)
+    keys = layout.config_keys
+    for role, value in (
+        ("residual", plan.new.residual),
+        ("layers", plan.new.layers),
+        ("heads", plan.new.heads),
+        ("kv_heads", plan.new.kv_heads),
+        ("head_dim", plan.new.head_dim),
+        ("ffn", plan.new.ffn),
+    ):
+        if role in keys:
+            cfg[keys[role]] = value
+    if plan.residual_pad and layout.norm_placement == "pre" and layout.eps_key:
+        eps = cfg.get(layout.eps_key)
+        if eps is None:
+            raise UsageError(f"non-integer width needs the norm epsilon, but config has no {layout.eps_key!r}")
+        cfg[layout.eps_key] = eps * plan.norm_scale
+    return cfg
+
+
+def _targets(plan: Plan) -> list[TargetTensor]:
+    src = plan.source
+    out = []
+    for spec in src.specs():
+        if spec.per_layer:
+            places = [(i, s, ins) for i, (s, ins) in enumerate(plan.depth_map)]
+        else:
+            places = [(None, None, False)]
+        for layer, source_layer, inserted in places:
+            stored = src.info(spec, source_layer).shape
+            shape = src.expected_shape(spec, plan.new, tuple(stored))
+            name = src.stored_name(spec, layer)
+            out.append(TargetTensor(spec, layer, source_layer, inserted, name, shape, tuple(stored)))
+    return out

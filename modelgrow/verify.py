@@ -1,0 +1,61 @@
+"""Run the source and the grown model side by side and measure how exactly the grown
+one reproduces the source (the reference implementation runs both: transformers for the
+built-in architectures)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .source import SourceModel, load_module
+
+# Max abs difference allowed, relative to max(1, largest reference output), by the
+# dtype the weights are stored in: fp32 round-off is ~1e-6, half precision far coarser.
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+@dataclass
+class VerifyResult:
+    output: str
+    compared_shape: list[int]
+    max_abs_diff: float
+    reference_max_abs: float
+    tolerance: float
+    passed: bool
+    batch: int
+    seq: int
+    seed: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def stored_dtype(source: SourceModel) -> torch.dtype:
+    names = source.checkpoint.names()
+    return source.checkpoint.info(names[0]).dtype if names else torch.float32
+
+
+@torch.no_grad()
+def compare(source: SourceModel, grown: SourceModel, *, batch: int = 2, seq: int = 16, seed: int = 0) -> VerifyResult:
+    positions = source.dims.positions
+    seq = min(seq, positions) if positions else seq
+    gen = torch.Generator().manual_seed(seed)
+    inputs = source.arch.example_inputs(source.config, batch, seq, gen)
+    small = load_module(source)
+    ref = source.arch.primary_output(source.config, small(**inputs))
+    del small
+    big = load_module(grown)
+    out = grown.arch.primary_output(grown.config, big(**inputs))
+    del big
+    kind = source.arch.class_info(source.config)["output"]
+    if kind == "last_hidden_state":
+        # Hidden states are wider after growth; the first copy holds the original units.
+        out = out[..., : ref.shape[-1]]
+    ref, out = ref.float(), out.float()
+    if out.shape != ref.shape:
+        raise ValueError(f"output shapes differ: {list(ref.shape)} vs {list(out.shape)}")
+    diff = (out - ref).abs().max().item()
+    scale = max(1.0, ref.abs().max().item())
+    tol = TOLERANCE.get(stored_dtype(grown), 1e-2) * scale
+    return VerifyResult(kind, list(ref.shape), diff, ref.abs().max().item(), tol, diff <= tol, batch, seq, seed)
