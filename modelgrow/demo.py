@@ -17,7 +17,7 @@ from .grow import convert
 from .plan import GrowthSpec
 from .source import load_module, open_source
 
-PROMPT = "def __init__(self"
+PROMPT = "for i in "
 
 
 def demo_checkpoint() -> Path:
@@ -49,7 +49,7 @@ def run_demo(output: str | Path | None, *, overwrite: bool = False, echo: Callab
         ids = tok.encode(PROMPT).ids
         with open_source(src) as small_src, open_source(dest) as big_src:
             small, big = load_module(small_src), load_module(big_src)
-            a, b = greedy(small, ids, 48), greedy(big, ids, 48)
+            a, b = greedy(small, ids, 32), greedy(big, ids, 32)
         echo(f"prompt: {PROMPT!r}")
         echo(f"small model continues: {tok.decode(a)!r}")
         echo(f"grown model continues: {tok.decode(b)!r}")
