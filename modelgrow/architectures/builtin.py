@@ -5,13 +5,17 @@ Registered through the same hooks a third-party plugin uses.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from ..architecture import HFArchitecture
 from ..hookspecs import hookimpl
 from ..layout import Layout, builtin_layout_paths
 
 
-def builtin_architectures() -> list[HFArchitecture]:
-    return [HFArchitecture(Layout.from_file(p)) for p in builtin_layout_paths()]
+@lru_cache(maxsize=1)
+def builtin_architectures() -> tuple[HFArchitecture, ...]:
+    # Parsed and schema-checked once per process: layouts are package data.
+    return tuple(HFArchitecture(Layout.from_file(p)) for p in builtin_layout_paths())
 
 
 @hookimpl
