@@ -1,0 +1,146 @@
+"""ReLoRA pieces: low-rank adapters that are periodically merged into the frozen weights,
+so that many rank-r updates add up to a high-rank change (Lialin et al., ICLR 2024).
+
+Which matrices get adapters comes from the layout (per-layer parameters with an input
+axis), never from module-name guesses. Known defects of the reference code are avoided:
+A is Kaiming-initialised and B zero (the reference zeroes both, so its first cycle
+learns nothing); Adam moments are pruned with one joint mask for both moments (two
+independent masks can leave a large m over a zeroed v, i.e. a huge first step).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from .layout import LAYER, Layout
+
+
+class LoRAAdapter(nn.Module):
+    """Wraps a module holding a 2-D ``weight``: base(x) + scale * B(A(dropout(x)))."""
+
+    def __init__(self, base: nn.Module, in_axis: int, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base = base
+        self.in_axis = in_axis  # 1 for nn.Linear [out, in]; 0 for GPT-2's Conv1D [in, out]
+        w = base.weight
+        n_in, n_out = w.shape[in_axis], w.shape[1 - in_axis]
+        self.lora_A = nn.Parameter(torch.empty(rank, n_in, dtype=torch.float32, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(n_out, rank, dtype=torch.float32, device=w.device))
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+        base.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lora = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T
+        return self.base(x) + (self.scale * lora).to(x.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the frozen weight (in fp32) and zero B."""
+        delta = (self.lora_B @ self.lora_A) * self.scale  # [out, in]
+        if self.in_axis == 0:
+            delta = delta.T
+        w = self.base.weight
+        w.copy_((w.float() + delta).to(w.dtype))
+        self.lora_B.zero_()
+
+    @torch.no_grad()
+    def redraw(self, generator: torch.Generator) -> None:
+        # kaiming_uniform_(a=sqrt(5)) as nn.Linear does, drawn from an explicit generator
+        # so every DDP rank draws the same A.
+        bound = 1.0 / math.sqrt(self.lora_A.shape[1])
+        a = torch.rand(self.lora_A.shape, generator=generator) * 2 * bound - bound
+        self.lora_A.copy_(a.to(self.lora_A.device))
+        self.lora_B.zero_()
+
+
+def adapter_targets(layout: Layout) -> list[tuple[re.Pattern, int]]:
+    """(pattern of module weight names, input axis) for every per-layer matrix."""
+    out = []
+    for spec in layout.tensors:
+        if spec.per_layer and spec.kind == "param" and spec.in_axis is not None and len(spec.axes) == 2:
+            name = spec.name
+            if layout.base_prefix and name.startswith(layout.base_prefix):
+                name = name[len(layout.base_prefix):]
+            body = re.escape(name).replace(re.escape(LAYER), r"\d+")
+            out.append((re.compile(rf"^(?:.*\.)?{body}$"), spec.in_axis))
+    return out
+
+
+def add_adapters(module: nn.Module, layout: Layout, rank: int, alpha: float, dropout: float,
+                 generator: torch.Generator) -> list[LoRAAdapter]:
+    """Replace every per-layer matrix of ``module`` with an adapter; freeze its weight."""
+    targets = adapter_targets(layout)
+    found = []
+    for name, child in list(module.named_modules()):
+        w = getattr(child, "weight", None)
+        if not isinstance(w, nn.Parameter) or w.dim() != 2 or isinstance(child, LoRAAdapter):
+            continue
+        for pattern, in_axis in targets:
+            if pattern.match(f"{name}.weight"):
+                found.append((name, child, in_axis))
+                break
+    adapters = []
+    for name, child, in_axis in found:
+        adapter = LoRAAdapter(child, in_axis, rank, alpha, dropout)
+        adapter.redraw(generator)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(parent_name) if parent_name else module, attr, adapter)
+        adapters.append(adapter)
+    if not adapters:
+        raise ValueError(f"the {layout.name} layout names no per-layer matrices to adapt")
+    return adapters
+
+
+def remove_adapters(module: nn.Module) -> None:
+    """Merge every adapter and put the plain modules back: a dense model again."""
+    for name, child in list(module.named_modules()):
+        if isinstance(child, LoRAAdapter):
+            child.merge()
+            child.base.weight.requires_grad_(True)
+            parent_name, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(parent_name) if parent_name else module, attr, child.base)
+
+
+@torch.no_grad()
+def prune_moments(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], ratio: float) -> None:
+    """Zero the Adam moments of ``params``: the smallest ``ratio`` by |m| (one mask for
+    both m and v); ratio >= 1 resets them fully. The step count is kept."""
+    for p in params:
+        state = optimizer.state.get(p)
+        if not state or "exp_avg" not in state:
+            continue
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        if ratio >= 1:
+            m.zero_()
+            v.zero_()
+            continue
+        k = int(ratio * m.numel())
+        if k == 0:
+            continue
+        # kthvalue, not quantile: quantile refuses tensors over 2**24 elements.
+        threshold = m.abs().flatten().float().kthvalue(k).values
+        keep = m.abs() > threshold
+        m.mul_(keep)
+        v.mul_(keep)
+
+
+def jagged_cosine(step: int, total: int, warmup: int, cycle: int | None, restart_warmup: int,
+                  min_ratio: float = 0.1) -> float:
+    """LR multiplier: linear warmup, cosine to ``min_ratio``, and after every ReLoRA
+    merge (each ``cycle`` steps) a drop to zero and re-warm over ``restart_warmup``."""
+
+    def base(t: int) -> float:
+        progress = min(1.0, max(0.0, (t - warmup) / max(1, total - warmup)))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    if step < warmup:
+        return (step + 1) / warmup
+    if cycle and step >= cycle and step % cycle < restart_warmup:
+        into = step % cycle
+        return into / restart_warmup * base(step - into + restart_warmup)
+    return base(step)
