@@ -84,14 +84,21 @@ def _progress(quiet: bool) -> bool:
 @click.option("--allow-nonfinite", is_flag=True, help="Grow weights that hold NaN or Inf instead of refusing.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write a JSON report of the run here.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or plan table.")
+@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path),
+              help="Also export the grown model to this .onnx file, checked like `modelgrow export` does.")
 @handle_errors
 def convert(source, output, config_path, width, depth, heads, kv_heads, ffn, depth_mode, operator, noise,
-            noise_mode, seed, max_shard_size, overwrite, verify, dry_run, allow_nonfinite, report_path, quiet):
+            noise_mode, seed, max_shard_size, overwrite, verify, dry_run, allow_nonfinite, report_path, quiet,
+            onnx_path):
     """Grow SOURCE (a .safetensors file, a sharded index, or a Hugging Face folder)."""
     from .grow import convert as run
 
     if output is None and not dry_run:
         raise click.UsageError("give -o/--output, or --dry-run to only print the plan")
+    if onnx_path is not None and not dry_run:
+        from .export import preflight
+
+        preflight(onnx_path, overwrite=overwrite)  # refuse before growing, not after
     spec = GrowthSpec(width=width, depth=depth, heads=heads, kv_heads=kv_heads, ffn=ffn, depth_mode=depth_mode)
     report = run(
         source, None if dry_run else output, spec,
@@ -108,6 +115,10 @@ def convert(source, output, config_path, width, depth, heads, kv_heads, ffn, dep
         out = report["output"]
         size = sum(f["bytes"] for f in out["files"])
         click.echo(f"wrote {out['path']} ({len(out['files'])} files, {size:,} bytes) in {report['timings']['total_s']:.1f}s")
+        if onnx_path is not None:
+            from .export import export_onnx, summary_lines
+
+            click.echo("\n".join(summary_lines(export_onnx(output, onnx_path, overwrite=overwrite))))
 
 
 def format_plan(report: dict) -> str:
@@ -185,6 +196,33 @@ def demo(output, overwrite):
     from .demo import run_demo
 
     run_demo(output, overwrite=overwrite, echo=click.echo, progress=_progress(False))
+
+
+@main.command("export")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="The .onnx file to write; with external data OUTPUT.data goes beside it (keep the two together).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="config.json, when not beside SOURCE.")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX operator set (18 or newer).")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Run the file in onnxruntime on new shapes and compare it with PyTorch.")
+@click.option("--external-data", is_flag=True, help="Store the weights in OUTPUT.data [default: only past 1.5 GiB].")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT (and OUTPUT.data) if they exist.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write a JSON report of the run here.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def export_command(source, output, config_path, opset, check, external_data, overwrite, report_path, as_json):
+    """Export SOURCE to ONNX (needs the onnx extra) and check it against PyTorch.
+
+    Exits 4 when onnxruntime's outputs differ from PyTorch's; nothing is written then.
+    """
+    from .export import export_onnx, summary_lines
+    from .report import write_report
+
+    report = export_onnx(source, output, opset=opset, check=check, external_data=True if external_data else None,
+                         overwrite=overwrite, config_path=config_path)
+    write_report(report, report_path)
+    click.echo(json.dumps(report, indent=2) if as_json else "\n".join(summary_lines(report)))
 
 
 @main.command("plugins")
