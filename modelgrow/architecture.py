@@ -5,13 +5,14 @@ and export also need the module factory.
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import InputError, LayoutError, UsageError
-from .layout import Layout
+from .layout import Layout, _template_regex, config_get
 
 
 class Architecture:
@@ -50,7 +51,8 @@ class Architecture:
         tie = self.layout.tie
         if not tie or not self.class_info(config).get("tied_head", False):
             return False
-        return bool(config.get(tie["config_key"], tie["default"]))
+        value = config_get(config, tie["config_key"])
+        return bool(tie["default"] if value is None else value)
 
     def validate_config(self, config: dict) -> None:
         """Raise UsageError if the runtime would refuse this (grown) config."""
@@ -64,6 +66,7 @@ class Architecture:
         """Load tensors named as in the checkpoint; every module weight must be covered."""
         expected = module.state_dict()
         prefix = self.layout.base_prefix
+        is_optional = self.optional_in_module
         mapped = {}
         for name, tensor in tensors.items():
             for candidate in (name, prefix + name, name[len(prefix):] if prefix and name.startswith(prefix) else None):
@@ -71,13 +74,31 @@ class Architecture:
                     mapped[candidate] = tensor
                     break
             else:
+                if is_optional(name):
+                    continue
                 raise InputError(f"tensor {name!r} has no place in a {type(module).__name__}", path=source)
-        missing = [k for k in expected if k not in mapped and not _is_tied(module, k)]
+        missing = [k for k in expected if k not in mapped and not _is_tied(module, k) and not is_optional(k)]
         if missing:
             raise InputError(f"{len(missing)} weights missing for {type(module).__name__}, e.g. {missing[0]!r}", path=source)
         module.load_state_dict(mapped, strict=False)
 
+    def optional_in_module(self, key: str) -> bool:
+        """True for a weight name the module may have or lack whatever the checkpoint holds.
+
+        Nothing by default: a plugin's module factory builds exactly what its config says.
+        """
+        return False
+
     def example_inputs(self, config: dict, batch: int, seq: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Random inputs of the kind the layout's ``inputs`` declares (tokens or images)."""
+        inputs = self.layout.inputs
+        if inputs.get("kind") == "image":
+            # Images are sized by the config, not by ``seq``: the patch grid is fixed.
+            size = config_get(config, inputs["image_size"])
+            channels = config_get(config, inputs["channels"])
+            height, width = (size, size) if isinstance(size, int) else tuple(size)
+            pixels = torch.randn((batch, channels, height, width), generator=generator)
+            return {"pixel_values": pixels}
         vocab = self.layout.dims(config).vocab
         ids = torch.randint(0, vocab, (batch, seq), generator=generator)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -92,6 +113,34 @@ class Architecture:
 def _is_tied(module: torch.nn.Module, key: str) -> bool:
     tied = getattr(module, "_tied_weights_keys", None) or {}
     return key in tied
+
+
+def _hf_module_names(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint names -> the module's parameter names, by transformers' conversion mapping.
+
+    Only one-to-one renamings are applied; names the module already uses pass through.
+    transformers versions without conversion mappings need none.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:
+        return tensors
+    expected = module.state_dict()
+    if all(name in expected for name in tensors):
+        return tensors
+    transforms = get_model_conversion_mapping(module)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    out = {}
+    for name, tensor in tensors.items():
+        new = name
+        if name not in expected:
+            renamed, converter = rename_source_key(name, renamings, converters, module.base_model_prefix, expected)
+            if converter is None:  # a many-to-one conversion is left for load_weights to refuse
+                new = renamed
+        out[new] = tensor
+    return out
 
 
 class HFArchitecture(Architecture):
@@ -120,9 +169,26 @@ class HFArchitecture(Architecture):
             module = cls(hf_config)
         return module.float().eval()
 
+    def optional_in_module(self, key: str) -> bool:
+        # Optional tensors exist or not by how a model was built (ViTModel's pooler and
+        # mask token are constructor flags no config records): the module may have one the
+        # checkpoint lacks, or lack one the checkpoint has. Neither feeds the primary output.
+        prefix = self.layout.base_prefix
+        return any(p.match(c) for p in self._optional_patterns for c in (key, prefix + key))
+
+    @cached_property
+    def _optional_patterns(self) -> list:
+        return [_template_regex(t.name) for t in self.layout.tensors if t.optional]
+
+    def load_weights(self, module, tensors, source):
+        # transformers 5 renames some modules in memory but still saves (and hub files
+        # hold) the original names, e.g. ViT's "encoder.layer.0.attention.attention.query"
+        # is "layers.0.attention.q_proj" in the module: translate with its own mapping.
+        return super().load_weights(module, _hf_module_names(module, tensors), source)
+
     def example_inputs(self, config, batch, seq, generator):
         inputs = super().example_inputs(config, batch, seq, generator)
         types = config.get("type_vocab_size")
-        if types:
+        if types and "input_ids" in inputs:
             inputs["token_type_ids"] = torch.randint(0, types, (batch, seq), generator=generator)
         return inputs

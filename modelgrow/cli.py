@@ -126,6 +126,8 @@ def format_plan(report: dict) -> str:
     rows = [f"{plan['architecture']} ({plan['class']}) · operator {report['operator']['name']} · depth mode {plan['depth_mode']}",
             f"{'':12}{'source':>12}{'target':>12}"]
     for key in ("residual", "layers", "heads", "kv_heads", "head_dim", "ffn", "vocab"):
+        if plan["source"][key] is None:  # vision models have no vocabulary
+            continue
         rows.append(f"{key:12}{plan['source'][key]:>12,}{plan['target'][key]:>12,}")
     ratio = plan["target_params"] / max(1, plan["source_params"])
     rows.append(f"{'parameters':12}{plan['source_params']:>12,}{plan['target_params']:>12,}  ({ratio:.2f}x)")

@@ -23,8 +23,49 @@ from .errors import InputError, LayoutError
 LAYER = "${layer}"
 
 # Roles whose size follows the model's dims; every other role is a fixed size that
-# growth leaves alone (vocabulary, positions, image channels, ...).
+# growth leaves alone (vocabulary, positions, image channels, head_dim, ...).
 GROWABLE_ROLES = ("residual", "attn", "kv", "ffn")
+
+# What a model is fed: token ids (text) or pixel_values (vision). See "inputs" in the schema.
+INPUT_KINDS = ("tokens", "image")
+
+
+def config_get(config: dict, key: str) -> Any:
+    """``config[key]``, where a dotted key ("model_args.n_embd") walks nested objects.
+
+    A literal key wins over the dotted path, so configs whose keys contain dots still work.
+    """
+    if key in config:
+        return config[key]
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def config_has(config: dict, key: str) -> bool:
+    if key in config:
+        return True
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def config_set(config: dict, key: str, value: Any) -> None:
+    """Set ``key`` (dotted: nested) in place, creating intermediate objects if needed."""
+    if key in config or "." not in key:
+        config[key] = value
+        return
+    node = config
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
 
 
 @dataclass(frozen=True)
@@ -69,7 +110,7 @@ class Dims:
     kv_heads: int
     head_dim: int
     ffn: int
-    vocab: int
+    vocab: int | None  # None for models fed something other than tokens (images)
     positions: int | None = None
 
     def role_size(self, role: str) -> int | None:
@@ -80,6 +121,8 @@ class Dims:
             "ffn": self.ffn,
             "vocab": self.vocab,
             "positions": self.positions,
+            # Per-head tensors (Qwen3's q_norm/k_norm): sized by head_dim, which growth keeps.
+            "head_dim": self.head_dim,
         }.get(role)
 
     def as_dict(self) -> dict[str, int | None]:
@@ -105,6 +148,11 @@ class Layout:
     ignore: tuple[str, ...]
     tensors: tuple[TensorSpec, ...]
     source: str = field(default="<memory>", compare=False)
+    # Vocabulary added for vision and non-HF plugins (schemas/LAYOUT.md explains each).
+    eps_default: float | None = None  # the runtime's norm epsilon when the config omits eps_key
+    inputs: dict[str, str] = field(default_factory=lambda: {"kind": "tokens"})
+    config_also: dict[str, tuple[str, ...]] = field(default_factory=dict)  # role -> keys that copy its size
+    config_per_layer: tuple[str, ...] = ()  # config lists with one entry per layer
 
     # -- loading -----------------------------------------------------------------
 
@@ -154,6 +202,10 @@ class Layout:
             ignore=tuple(data.get("ignore", [])),
             tensors=tuple(tensors),
             source=source,
+            eps_default=data["norm"].get("eps_default"),
+            inputs=dict(data.get("inputs", {"kind": "tokens"})),
+            config_also={role: tuple(keys) for role, keys in data.get("config_also", {}).items()},
+            config_per_layer=tuple(data.get("config_per_layer", [])),
         )
         layout._check_consistency()
         return layout
@@ -180,6 +232,11 @@ class Layout:
                     self._fail("tie.norm_before_head", f"'{n}' is not a tensor of this layout")
         if self.default_class and self.classes and self.default_class not in self.classes:
             self._fail("default_class", f"'{self.default_class}' is not one of 'classes'")
+        if self.inputs.get("kind", "tokens") == "tokens" and "vocab" not in self.config_keys:
+            self._fail("config_keys", "a model fed tokens needs a 'vocab' key (or declare other \"inputs\")")
+        for role in self.config_also:
+            if role not in self.config_keys:
+                self._fail(f"config_also.{role}", f"'{role}' has no entry in config_keys to follow")
 
     def _fail(self, where: str, reason: str) -> None:
         raise LayoutError(f"layout is invalid at $.{where}: {reason}", path=self.source)
@@ -197,7 +254,7 @@ class Layout:
 
         def read(role: str, required: bool = True) -> int | None:
             key = self.config_keys.get(role)
-            value = config.get(key) if key else None
+            value = config_get(config, key) if key else None
             if value is None:
                 if required:
                     raise InputError(
@@ -235,14 +292,14 @@ class Layout:
             kv_heads=kv_heads,
             head_dim=head_dim,
             ffn=ffn,
-            vocab=read("vocab"),
+            vocab=read("vocab", required="vocab" in self.config_keys),
             positions=read("positions", required=False),
         )
 
     def claims(self, config: dict) -> bool:
         if self.model_types and config.get("model_type") in self.model_types:
             return True
-        return bool(self.config_has) and all(k in config for k in self.config_has)
+        return bool(self.config_has) and all(config_has(config, k) for k in self.config_has)
 
     def ignore_patterns(self) -> list[re.Pattern]:
         return [_template_regex(p) for p in self.ignore]

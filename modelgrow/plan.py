@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import UsageError
-from .layout import Dims, TensorSpec
+from .layout import Dims, TensorSpec, config_get, config_has, config_set
 from .source import SourceModel
 
 DEPTH_MODES = ("identity", "interleave", "stack")
@@ -184,6 +184,10 @@ def make_plan(source: SourceModel, spec: GrowthSpec) -> Plan:
         promise.heads = False
         promise.notes.append(f"query groups change from {group} to {heads // kv_heads} heads per key/value head: not exact")
 
+    if spec.ffn and "ffn" not in layout.config_keys:
+        # The FFN size is then a fixed multiple of the width (ffn_default_multiple); a
+        # different one could not be recorded in the config, so the model could not load.
+        raise UsageError(f"the {layout.name} config has no FFN size to change", hint="drop --ffn: it follows --width")
     ffn = parse_amount(spec.ffn, old.ffn, "FFN units", "--ffn") if spec.ffn else old.ffn * residual / old.residual
     if ffn != int(ffn):
         ffn = math.ceil(ffn)
@@ -240,12 +244,31 @@ def _target_config(plan: Plan) -> dict:
         ("ffn", plan.new.ffn),
     ):
         if role in keys:
-            cfg[keys[role]] = value
+            config_set(cfg, keys[role], value)
+        # Keys that merely repeat a role's size (ViT's pooler_output_size) change with it;
+        # absent ones are left absent, since the runtime then derives them from the role.
+        for key in layout.config_also.get(role, ()):
+            if config_has(cfg, key):
+                config_set(cfg, key, value)
+    for key in layout.config_per_layer:
+        # One entry per layer (Qwen2's layer_types): each target layer takes its source
+        # layer's entry, so an inserted copy behaves like the block it copies.
+        values = config_get(cfg, key)
+        if values is None:
+            continue
+        if not isinstance(values, list) or len(values) != plan.old.layers:
+            raise UsageError(
+                f"config {key!r} should list one entry per layer ({plan.old.layers}), got {values!r}",
+                hint="fix the source config.json",
+            )
+        config_set(cfg, key, [values[s] for s, _ in plan.depth_map])
     if plan.residual_pad and layout.norm_placement == "pre" and layout.eps_key:
-        eps = cfg.get(layout.eps_key)
+        eps = config_get(cfg, layout.eps_key)
+        if eps is None:
+            eps = layout.eps_default  # the runtime's default when the config leaves it out
         if eps is None:
             raise UsageError(f"non-integer width needs the norm epsilon, but config has no {layout.eps_key!r}")
-        cfg[layout.eps_key] = eps * plan.norm_scale
+        config_set(cfg, layout.eps_key, eps * plan.norm_scale)
     return cfg
 
 

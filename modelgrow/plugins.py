@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import os
+import re
 from dataclasses import dataclass, field
 
 import pluggy
@@ -52,10 +53,10 @@ def load_plugins() -> None:
         return
     _state.loaded = True
     allowed = os.environ.get(ENV_VAR)
-    allow = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
+    allow = None if allowed is None else {_normalise(n) for n in allowed.split(",") if n.strip()}
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = ep.dist.name if ep.dist else ep.name
-        if allow is not None and dist not in allow and ep.name not in allow:
+        if allow is not None and _normalise(dist) not in allow and _normalise(ep.name) not in allow:
             continue
         if pm.get_plugin(ep.name) is not None:
             continue
@@ -68,6 +69,26 @@ def load_plugins() -> None:
     for module_name in DEFAULT_PLUGINS:
         if pm.get_plugin(module_name) is None:
             pm.register(importlib.import_module(module_name), name=module_name)
+
+
+def _normalise(name: str) -> str:
+    # Distribution names compare as pip does (PEP 503): "modelgrow_nanogpt" == "modelgrow-nanogpt".
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
+
+
+def reset() -> None:
+    """Forget the entry-point plugins and recorded failures; the next call loads them again.
+
+    For tests and long-lived processes (after installing a plugin or changing
+    MODELGROW_PLUGINS). Built-ins and plugins registered directly with ``pm.register``
+    stay registered.
+    """
+    for name in list(_state.distributions):
+        if pm.get_plugin(name) is not None:
+            pm.unregister(name=name)
+    _state.loaded = False
+    _state.failures.clear()
+    _state.distributions.clear()
 
 
 def failures() -> list[PluginFailure]:
@@ -144,13 +165,23 @@ def describe_plugins() -> list[dict]:
         rows.append(
             {
                 "name": name,
-                "distribution": dist.metadata["Name"] if dist else "modelgrow (built-in)",
-                "version": dist.version if dist else _own_version(),
+                "distribution": _origin(name, plugin, dist),
+                "version": dist.version if dist else (_own_version() if name in DEFAULT_PLUGINS else getattr(plugin, "__version__", "")),
                 "hooks": hooks,
                 **registered,
             }
         )
     return rows
+
+
+def _origin(name: str, plugin, dist) -> str:
+    """Where a plugin comes from: its distribution, modelgrow itself, or the running
+    program (registered with ``pm.register``, as tests and notebooks do)."""
+    if dist is not None:
+        return dist.metadata["Name"]
+    if name in DEFAULT_PLUGINS:
+        return "modelgrow (built-in)"
+    return f"registered in process ({getattr(plugin, '__module__', None) or getattr(plugin, '__name__', '?')})"
 
 
 def _own_version() -> str:
