@@ -2,17 +2,19 @@
 distribution: found through its entry point, listed by `modelgrow plugins` with its
 distribution name and version, growing a non-Hugging-Face checkpoint exactly.
 
-CI installs the plugin into its environment first (see the reply/README test command:
-``python -m pip install --no-deps --no-build-isolation -e plugins/modelgrow-nanogpt``).
+CI installs the plugin next to modelgrow before running the tests:
+``python -m pip install --no-deps --no-build-isolation -e plugins/modelgrow-nanogpt``.
 Where it is not installed, these tests build and install it themselves, without
 touching the environment: ``pip install --target`` into a temporary folder that is put
-on sys.path (entry points are read from the ``.dist-info`` there).
+on sys.path (entry points are read from the ``.dist-info`` there). Either way the
+plugin is found only through its entry point.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import shutil
@@ -53,11 +55,15 @@ def site(tmp_path_factory):
     # Build from a copy: setuptools leaves build/ and *.egg-info beside the sources.
     src = shutil.copytree(PLUGIN_SRC, root / "src", ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     target = root / "site"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-compile",
+    # Build with the setuptools already installed (fast, offline); an environment
+    # without one (Python 3.12+ venvs) lets pip fetch it in an isolated build.
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", *isolation, "--no-compile",
          "--disable-pip-version-check", "--quiet", "--target", str(target), str(src)],
-        check=True, capture_output=True, text=True,
+        capture_output=True, text=True,
     )
+    assert result.returncode == 0, f"installing the plugin failed:\n{result.stdout}\n{result.stderr}"
     sys.path.insert(0, str(target))
     importlib.invalidate_caches()
     plugins.reset()
