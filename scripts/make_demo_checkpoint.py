@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         "schedule": {
             "warmup_steps": TRAIN["warmup_steps"],
             "decay": "cosine",
-            "min_lr": round(TRAIN["lr"] * TRAIN["min_lr_ratio"], 10),
+            "min_lr": TRAIN["lr"] * TRAIN["min_lr_ratio"],  # exact float used by lr_at
         },
         "batch_size": bsz,
         "seq_len": seq,
