@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, plugins
 from .checkpoint import CheckpointWriter, parse_size
-from .errors import InputError, OutputError, VerificationError
+from .errors import InputError, ModelgrowError, OutputError, VerificationError
 from .plan import GrowthSpec, Plan, make_plan
 from .report import write_report
 from .source import SourceModel, open_source
@@ -71,8 +71,16 @@ def convert(
     options = dict(operator_options or {})
     max_shard_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     with open_source(source_path, config_path) as source:
-        plan = make_plan(source, spec)
-        op = plugins.get_operator(operator)(plan, **options)
+        try:
+            plan = make_plan(source, spec)
+            op = plugins.get_operator(operator)(plan, **options)
+        except ModelgrowError as err:
+            if err.path is None:
+                # "target width 16 is smaller than the source's 32" must say which
+                # checkpoint it is about when it is one line in a batch job's log.
+                err.path = str(source_path)
+                err.args = (err._format(),)
+            raise
         timings["plan_s"] = time.perf_counter() - started
         report: dict[str, Any] = {
             "modelgrow_version": __version__,

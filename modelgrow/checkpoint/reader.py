@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from safetensors import safe_open
 
-from modelgrow.checkpoint.safetensors_format import TensorInfo, read_header
+from modelgrow.checkpoint.safetensors_format import TensorInfo, _short, read_header
 from modelgrow.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
@@ -146,6 +146,17 @@ def open_checkpoint(path: str | Path, config_path: str | Path | None = None) -> 
     The config is ``config_path`` if given, else config.json in the checkpoint's folder.
     """
     given = Path(path)
+    try:
+        return _open_checkpoint(given, config_path)
+    except OSError as err:
+        # pathlib's exists()/is_dir()/is_file() raise instead of answering False for a
+        # name that is too long (a hostile shard name in an index), a permission denied
+        # or a symlink loop: bad input to report, not a modelgrow bug.
+        name = f" {_short(str(err.filename))}" if err.filename else ""
+        raise CheckpointError(f"cannot read{name}: {err.strerror or err}", path=given) from None
+
+
+def _open_checkpoint(given: Path, config_path: str | Path | None) -> Checkpoint:
     if not given.exists():
         raise CheckpointError("does not exist", path=given)
     weights = _find_weights(given)
@@ -258,6 +269,12 @@ def _shard_path(shard: str, root: Path, index: Path) -> Path:
     if pure.is_absolute() or "\\" in shard or ".." in pure.parts:
         raise CheckpointError(
             f"index names shard {shard!r} outside the checkpoint folder", path=index
+        )
+    if not shard.endswith(".safetensors"):
+        # Else an index pointing at config.json gets config.json blamed for not being
+        # a safetensors file, and the index, the file actually wrong, goes unnamed.
+        raise CheckpointError(
+            f"index names shard {_short(repr(shard))}, which is not a .safetensors file", path=index
         )
     path = root / pure
     if not path.is_file():

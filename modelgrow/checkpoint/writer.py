@@ -95,10 +95,13 @@ class CheckpointWriter:
             raise OutputError("is not a usable destination folder name", path=dest)
         if not dest.parent.is_dir():
             raise OutputError(f"parent folder {dest.parent} does not exist", path=dest)
+        with self._output_errors(dest.parent):
+            # Before the exists check: a checkpoint that a killed overwrite had set aside
+            # is put back first, and then counts as existing.
+            _remove_stale_temp_folders(dest.parent, dest.name)
         if os.path.lexists(dest) and not self.overwrite:
             raise OutputError("exists; pass --overwrite to replace it", path=dest)
         with self._output_errors(dest.parent):
-            _remove_stale_temp_folders(dest.parent, dest.name)
             self._tmp = _unique_sibling(dest, TMP_MARKER)
             os.mkdir(self._tmp)
         self._state = "open"
@@ -326,14 +329,29 @@ def _unique_sibling(dest: Path, marker: str) -> Path:
 
 
 def _remove_stale_temp_folders(parent: Path, name: str) -> None:
-    """Delete temp folders of earlier writers to the same destination that died mid-write."""
-    prefix = f".{name}{TMP_MARKER}"
-    for entry in os.scandir(parent):
-        if not entry.name.startswith(prefix) or not entry.is_dir(follow_symlinks=False):
-            continue
-        match = re.fullmatch(r"(\d+)-[0-9a-f]+", entry.name[len(prefix) :])
-        if match and not _pid_alive(int(match.group(1))):
-            shutil.rmtree(entry.path, ignore_errors=True)
+    """Clean up after earlier writers to the same destination that died mid-write.
+
+    Their temp folders are deleted. A previous checkpoint that an overwrite had renamed
+    aside is put back only if that writer died between its two renames (its temp folder
+    is still there and the destination is missing); otherwise the new checkpoint did
+    reach the destination, and the old one is deleted as the writer would have.
+    """
+    stale: list[tuple[str, int, str]] = []
+    for entry in sorted(os.scandir(parent), key=lambda e: e.name):
+        for marker in (TMP_MARKER, OLD_MARKER):
+            prefix = f".{name}{marker}"
+            if not entry.name.startswith(prefix) or not entry.is_dir(follow_symlinks=False):
+                continue
+            match = re.fullmatch(r"(\d+)-[0-9a-f]+", entry.name[len(prefix) :])
+            if match and not _pid_alive(int(match.group(1))):
+                stale.append((marker, int(match.group(1)), entry.path))
+    unfinished = {pid for marker, pid, _ in stale if marker == TMP_MARKER}
+    dest = parent / name
+    for marker, pid, path in stale:
+        if marker == OLD_MARKER and pid in unfinished and not os.path.lexists(dest):
+            os.rename(path, dest)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:
