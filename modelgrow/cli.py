@@ -59,6 +59,23 @@ def _progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
+# fit option -> the convert parameter click fills for it. The command reads them back from
+# the click context; _fit_params_read_from_context keeps them out of its signature.
+FIT_OPTIONS = {"data": "fit_data", "steps": "fit_steps", "lr": "fit_lr", "warmup": "fit_warmup",
+               "weight_decay": "fit_weight_decay", "batch_size": "fit_batch_size", "seq_len": "fit_seq_len",
+               "objective": "fit_objective", "tokenizer": "tokenizer", "device": "device"}
+
+
+def _fit_params_read_from_context(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        for name in FIT_OPTIONS.values():
+            kwargs.pop(name, None)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 @main.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Folder to write the grown checkpoint to.")
@@ -76,6 +93,22 @@ def _progress(quiet: bool) -> bool:
 @click.option("--noise-mode", type=click.Choice(["exact", "plain"]), default="exact", show_default=True,
               help="exact: noise cancels across copies (function preserved); plain: noise everywhere.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for noise; same seed, same bytes.")
+@click.option("--fit-data", "fit_data", multiple=True, type=click.Path(path_type=Path),
+              help="Learned operators (ligo): data to fit on: text (tokenised with --tokenizer), .npy ids, or raw "
+                   ".bin ids (uint16, uint32 past 65,536 ids); repeat for more files. A learned operator refuses to run "
+                   "without it unless --fit-steps 0, which writes its exact copy initialisation.")
+@click.option("--fit-steps", type=int, help="Optimiser steps of the fit [default: 100].")
+@click.option("--fit-lr", type=float, help="Peak learning rate: AdamW, linear warmup, cosine to 10% [default: 3e-4].")
+@click.option("--fit-warmup", type=int, help="Warmup steps [default: 10% of --fit-steps].")
+@click.option("--fit-weight-decay", type=float, help="AdamW weight decay of the operator's tensors [default: 0].")
+@click.option("--fit-batch-size", type=int, help="Global batch in windows, split across torchrun processes [default: 16].")
+@click.option("--fit-seq-len", type=int, help="Tokens per window [default: min(128, the model's positions)].")
+@click.option("--fit-objective", type=click.Choice(["lm", "distill"]),
+              help="lm: the model's own loss (causal LM, or masked LM 15%); distill: KL to the small model's logits "
+                   "(zero at an exact start: for stack/interleave or post-LN growth) [default: lm].")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json for text --fit-data [default: the checkpoint's].")
+@click.option("--device", help="Where to fit: auto, cpu, cuda or cuda:N; bf16 autocast on CUDA [default: auto].")
+@_fit_params_read_from_context
 @click.option("--max-shard-size", default="2GB", show_default=True,
               help="Largest shard in bytes; units KB/MB/GB (powers of 1000) or KiB/MiB/GiB.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
@@ -100,13 +133,18 @@ def convert(source, output, config_path, width, depth, heads, kv_heads, ffn, dep
 
         preflight(onnx_path, overwrite=overwrite)  # refuse before growing, not after
     spec = GrowthSpec(width=width, depth=depth, heads=heads, kv_heads=kv_heads, ffn=ffn, depth_mode=depth_mode)
+    ctx = click.get_current_context().params
+    fit_options = {key: ctx[opt] for key, opt in FIT_OPTIONS.items() if ctx[opt] not in (None, ())}
     report = run(
         source, None if dry_run else output, spec,
         operator=operator,
         operator_options={"noise": noise, "noise_mode": noise_mode, "seed": seed},
         config_path=config_path, max_shard_size=max_shard_size, overwrite=overwrite, verify=verify,
         dry_run=dry_run, allow_nonfinite=allow_nonfinite, report_path=report_path, progress=_progress(quiet),
+        fit_options=fit_options,
     )
+    if "fit" in report and not quiet:
+        click.echo(format_fit(report["fit"]))
     if not quiet or dry_run:
         click.echo(format_plan(report))
     if "verify" in report:
@@ -119,6 +157,16 @@ def convert(source, output, config_path, width, depth, heads, kv_heads, ffn, dep
             from .export import export_onnx, summary_lines
 
             click.echo("\n".join(summary_lines(export_onnx(output, onnx_path, overwrite=overwrite))))
+
+
+def format_fit(fit: dict) -> str:
+    if not fit.get("loss_curve") and "eval" not in fit:
+        return f"fit: {fit.get('note', 'no steps')}"
+    ev, drift = fit["eval"], fit["drift"]
+    loss = f"eval loss {ev['before']:.4f} -> {ev['after']:.4f}" if ev["before"] is not None else "no eval"
+    return (f"fit: {fit['steps']} steps of {fit['objective']} ({fit['task']}) on {fit['device']} x{fit['world_size']}, "
+            f"lr {fit['lr']:g}, batch {fit['batch_size']} x {fit['seq_len']}: {loss}; "
+            f"operator drift {drift['relative']:.3g}; {fit['wall_s']:.1f}s, peak memory {fit['peak_memory']['bytes'] / 2**20:,.0f} MiB")
 
 
 def format_plan(report: dict) -> str:

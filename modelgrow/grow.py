@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from . import __version__, plugins
 from .checkpoint import CheckpointWriter, parse_size
-from .errors import InputError, ModelgrowError, OutputError, VerificationError
+from .errors import InputError, ModelgrowError, OutputError, UsageError, VerificationError
+from .fit import is_writer
 from .plan import GrowthSpec, Plan, make_plan
 from .report import write_report
 from .source import SourceModel, open_source
@@ -64,8 +65,13 @@ def convert(
     allow_nonfinite: bool = False,
     report_path: str | Path | None = None,
     progress: bool = True,
+    fit_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Grow the checkpoint at ``source_path`` into ``dest``; return the run's report."""
+    """Grow the checkpoint at ``source_path`` into ``dest``; return the run's report.
+
+    A learned operator (``op.learned``) is first fitted with ``fit_options`` (see
+    modelgrow.fit.FitOptions); under torchrun every rank fits, rank 0 alone writes.
+    """
     started = time.perf_counter()
     timings: dict[str, float] = {}
     options = dict(operator_options or {})
@@ -99,8 +105,20 @@ def convert(
         _check_destination(source, dest)
         if verify is None:
             verify = plan.target_params() <= AUTO_VERIFY_MAX_PARAMS
-        t0 = time.perf_counter()
+        # Fit options and data are checked now, before any output exists.
+        if fit_options and not op.learned:
+            raise UsageError(f"fit options are for learned operators, and {op.name!r} is not one", hint="e.g. --operator ligo")
+        fitting = op.prepare_fit(fit_options) if op.learned else None
+        if fitting is not None and not is_writer():
+            report["fit"] = fitting.run(progress=False)  # a data-parallel helper rank: rank 0 writes
+            return report
         with CheckpointWriter(dest, max_shard_bytes=max_shard_bytes, metadata=provenance(plan, op.name, op.describe_options()), overwrite=overwrite) as writer:
+            if fitting is not None:
+                t1 = time.perf_counter()
+                report["fit"] = fitting.run(progress)
+                report["promise"] = op.promise().as_dict()  # fitting moves it off the exact start
+                timings["fit_s"] = time.perf_counter() - t1
+            t0 = time.perf_counter()
             _write_tensors(plan, op, writer, allow_nonfinite, progress)
             writer.write_json("config.json", plan.config)
             for f in source.checkpoint.tagalong_files():

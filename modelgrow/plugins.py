@@ -26,6 +26,7 @@ ENV_VAR = "MODELGROW_PLUGINS"
 DEFAULT_PLUGINS = (
     "modelgrow.architectures.builtin",
     "modelgrow.operators.copy",
+    "modelgrow.operators.ligo",
 )
 
 pm = pluggy.PluginManager("modelgrow")

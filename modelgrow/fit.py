@@ -1,0 +1,605 @@
+"""The fit pass: train a learned growth operator's own parameters on the target model's
+real loss, then hand the operator back to the writer.
+
+Shared by every learned operator (and meant to carry the later full training loop):
+
+- the target module comes from the architecture plugin with its *parameters on the meta
+  device* (buffers such as rotary tables stay real), so the big model's weights exist
+  only once: as the tensors the operator materialises on every step, which are passed
+  to ``torch.func.functional_call``;
+- only the operator's tensors are optimised (AdamW, linear warmup then cosine decay,
+  every setting explicit and recorded; LiGO's own code hid a 10k-step warmup behind
+  a 100-step fit);
+- the loss is the architecture's: causal LM, or masked LM (15%) for ``masked_lm``
+  classes, or ``distill`` (KL to the small model's logits, on the same inputs);
+- data parallel under ``torchrun``: every rank draws the same global batch from the
+  same seeded generator and keeps its slice; the loss is normalised by the *global*
+  token count, so all-reducing (summing) the gradients gives exactly the one-process
+  gradient; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import corpus
+from .errors import UsageError
+from .operators.base import Operator
+from .plan import Promise
+
+OBJECTIVES = ("lm", "distill")
+LM_TASKS = ("causal_lm", "masked_lm")
+MASK_TOKENS = ("[MASK]", "<mask>")
+
+
+@dataclass
+class FitOptions:
+    """Every knob of the fit; all of them end up in the report."""
+
+    data: list[str] | None = None
+    steps: int = 100
+    # Tuned on the demo (d=64): 1e-3 and above undo the copy start within 30 steps; scaling
+    # the lr by 1/fan-in (muP-style) did not help there. Wider models may want less.
+    lr: float = 3e-4
+    warmup: int | None = None  # None: 10% of the steps
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    # 0 by default: decay pulls the expansion matrices towards zero, i.e. away from the
+    # copy solution the operator starts at, for no benefit in a 100-step fit.
+    weight_decay: float = 0.0
+    batch_size: int = 16  # global: split across data-parallel ranks
+    seq_len: int | None = None  # None: min(128, the model's positions)
+    seed: int = 0
+    objective: str = "lm"
+    device: str = "auto"
+    tokenizer: str | None = None
+    grad_clip: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    eval_batches: int = 4  # fixed held-aside windows scored before and after the fit
+    mask_rate: float = 0.15
+    mask_token_id: int | None = None
+    bin_dtype: str | None = None  # raw .bin ids: uint16/uint32 (default from the vocab size)
+    save_operator: str | None = None  # write the fitted operator tensors (safetensors) here
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any] | None) -> FitOptions:
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise UsageError(f"unknown fit option(s): {', '.join(unknown)}")
+        given = {k: v for k, v in options.items() if v is not None}
+        if isinstance(given.get("data"), (str, os.PathLike)):
+            given["data"] = [given["data"]]
+        if "data" in given:
+            given["data"] = [str(p) for p in given["data"]] or None
+        out = cls(**given)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise UsageError(what)
+
+        need(isinstance(self.steps, int) and self.steps >= 0, f"--fit-steps must be a whole number >= 0, got {self.steps!r}")
+        need(math.isfinite(self.lr) and self.lr > 0, f"--fit-lr must be positive, got {self.lr}")
+        need(self.batch_size >= 1, f"--fit-batch-size must be >= 1, got {self.batch_size}")
+        need(self.seq_len is None or self.seq_len >= 1, f"--fit-seq-len must be >= 1, got {self.seq_len}")
+        need(self.warmup is None or self.warmup >= 0, f"--fit-warmup must be >= 0, got {self.warmup}")
+        need(0 <= self.weight_decay < 1, f"--fit-weight-decay must be in [0, 1), got {self.weight_decay}")
+        need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        need(0 < self.mask_rate < 1, f"mask_rate must be in (0, 1), got {self.mask_rate}")
+        need(self.eval_batches >= 0, f"eval_batches must be >= 0, got {self.eval_batches}")
+        need(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        if self.objective not in OBJECTIVES:
+            raise UsageError(f"unknown --fit-objective {self.objective!r}", hint=f"choose one of {', '.join(OBJECTIVES)}")
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.steps // 10 if self.warmup is None else min(self.warmup, self.steps)
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of ``lr`` for 0-based ``step``: linear warmup, then cosine."""
+        warm = self.warmup_steps
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, self.steps - warm)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# -- learned operators ---------------------------------------------------------------
+
+
+@dataclass
+class FittedPromise(Promise):
+    """A learned operator's promise: exact only while it sits at its exact initialisation."""
+
+    fitted: bool = False
+
+    @property
+    def exact(self) -> bool:
+        return super().exact and not self.fitted
+
+    def as_dict(self) -> dict:
+        return {**super().as_dict(), "fitted": self.fitted}
+
+
+class LearnedOperator(Operator):
+    """Base of operators with trainable tensors. Subclasses implement ``parameters``,
+    ``compute`` (one target tensor, differentiable, on the operator's device) and ``to``.
+    """
+
+    learned = True
+
+    def __init__(self, plan, **options):
+        super().__init__(plan, **options)
+        self.device = torch.device("cpu")
+        self.fitted_steps = 0
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def compute(self, target) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to(self, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def param_group(self, name: str) -> str:
+        """Which group a parameter's drift is reported under."""
+        return name.split(".")[0]
+
+    def lr_scale(self, name: str) -> float:
+        """A parameter's learning rate as a multiple of --fit-lr (1 unless overridden)."""
+        return 1.0
+
+    def materialise(self) -> dict[str, torch.Tensor]:
+        """Every target tensor, keyed by its checkpoint name (differentiable)."""
+        return {t.name: self.compute(t) for t in self.plan.targets}
+
+    def tensor(self, target) -> torch.Tensor:
+        with torch.no_grad():
+            return self.compute(target).detach().to("cpu", torch.float32)
+
+    def promise(self) -> Promise:
+        p = super().promise()
+        fields = {f.name: getattr(p, f.name) for f in dataclasses.fields(Promise)}
+        fields["notes"] = list(p.notes)
+        if self.fitted_steps:
+            fields["notes"].append(f"{self.name} fitted for {self.fitted_steps} steps: moved away from its exact initialisation by design")
+        return FittedPromise(**fields, fitted=bool(self.fitted_steps))
+
+    def prepare_fit(self, options: dict[str, Any] | FitOptions | None) -> Fit:
+        """Check options and load the data now, before any output exists."""
+        opts = options if isinstance(options, FitOptions) else FitOptions.from_dict(options)
+        return Fit(self, opts)
+
+    def fit(self, options: dict[str, Any] | FitOptions | None = None, progress: bool = True) -> dict:
+        return self.prepare_fit(options).run(progress)
+
+
+# -- distributed ------------------------------------------------------------------------
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_writer() -> bool:
+    """Rank 0 of a torchrun launch (or a plain process) is the one that writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    created: bool = False
+
+    @classmethod
+    def from_env(cls) -> _Dist:
+        return cls(int(os.environ.get("RANK", "0")), world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+    def start(self, device: torch.device) -> None:
+        if self.world <= 1:
+            return
+        import torch.distributed as dist
+
+        self.backend = "nccl" if device.type == "cuda" else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(self.backend)
+            self.created = True
+
+    def stop(self) -> None:
+        if self.created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.created = False
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor)
+        return tensor
+
+    def part(self, rows: int) -> slice:
+        per = rows // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+
+def resolve_device(spec: str | None, local_rank: int = 0, world: int = 1) -> torch.device:
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: no CUDA device is available", hint="use --device cpu")
+        if spec == "cuda":
+            index = local_rank if world > 1 else torch.cuda.current_device()
+        else:
+            try:
+                index = int(spec.split(":", 1)[1])
+            except ValueError:
+                raise UsageError(f"--device {spec!r} is not a device", hint="auto, cpu, cuda or cuda:N") from None
+        if not 0 <= index < torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: there are {torch.cuda.device_count()} CUDA devices")
+        return torch.device("cuda", index)
+    raise UsageError(f"--device {spec!r} is not a device", hint="auto, cpu, cuda or cuda:N")
+
+
+# -- the target module without weights --------------------------------------------------
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Build modules whose parameters live on the meta device (no memory) while buffers
+    stay real: rotary tables and position ids are computed in constructors, and the
+    forward pass needs their values; the parameters are supplied on every call."""
+    register = nn.Module.register_parameter
+
+    def on_meta(self, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(self, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def build_target_module(arch, config: dict, device: torch.device) -> nn.Module:
+    with parameters_on_meta():
+        module = arch.build_module(config)
+    for sub in module.modules():
+        for name, buf in list(sub._buffers.items()):
+            if buf is not None and buf.device != device:
+                sub._buffers[name] = buf.to(device)
+    cfg = getattr(module, "config", None)
+    if cfg is not None and hasattr(cfg, "use_cache"):
+        cfg.use_cache = False  # a KV cache is dead weight in a training step
+    return module.eval()  # no dropout: 100 deterministic steps, identical on every rank
+
+
+def module_names(module: nn.Module, names: list[str], prefix: str) -> dict[str, str]:
+    """Checkpoint name -> module parameter name; every module parameter must be covered."""
+    params = dict(module.named_parameters())  # tied parameters appear once
+    out = {}
+    for name in names:
+        for cand in (name, prefix + name, name[len(prefix):] if prefix and name.startswith(prefix) else None):
+            if cand is not None and cand in params:
+                out[name] = cand
+                break
+        else:
+            raise RuntimeError(f"tensor {name!r} has no place in a {type(module).__name__}")
+    missing = sorted(set(params) - set(out.values()))
+    if missing:
+        raise RuntimeError(f"the operator does not produce {len(missing)} weights of {type(module).__name__}, e.g. {missing[0]!r}")
+    return out
+
+
+# -- the pass ---------------------------------------------------------------------------
+
+
+def _tokenizer_file(options: FitOptions, source) -> str | None:
+    if options.tokenizer:
+        return options.tokenizer
+    found = corpus.default_tokenizer(source.checkpoint.root)
+    return str(found) if found else None
+
+
+class Fit:
+    """A prepared fit: options checked and data loaded (errors come before any step)."""
+
+    def __init__(self, op: LearnedOperator, options: FitOptions):
+        self.op, self.options = op, options
+        plan = op.plan
+        self.plan, self.source, self.arch = plan, plan.source, plan.source.arch
+        self.dist = _Dist.from_env()
+        info = self.arch.class_info(plan.config)
+        self.task = info.get("task")
+        self.data = None
+        if options.steps == 0 and not options.data:
+            return  # the operator stays at its initialisation; nothing to load
+        if not options.data:
+            raise UsageError(
+                f"the {op.name} operator needs --fit-data to fit on",
+                hint="give a text/.npy/.bin file, or --fit-steps 0 to write its copy initialisation",
+            )
+        if info.get("output") != "logits" or self.task not in LM_TASKS:
+            raise UsageError(
+                f"fitting needs a model class with a language-model head; {self.arch.class_name(plan.config)} "
+                f"outputs {info.get('output')} (task {self.task})",
+                hint="grow the ...ForCausalLM / ...ForMaskedLM checkpoint, or use --operator copy",
+            )
+        positions = plan.new.positions
+        self.seq_len = options.seq_len or min(128, positions or 128)
+        if positions and self.seq_len > positions:
+            raise UsageError(f"--fit-seq-len {self.seq_len} exceeds the model's {positions} positions")
+        if options.batch_size % self.dist.world:
+            raise UsageError(f"--fit-batch-size {options.batch_size} does not split over {self.dist.world} processes")
+        eos = plan.config.get("eos_token_id")
+        self.tokenizer = _tokenizer_file(options, self.source)
+        self.data = corpus.load_tokens(
+            options.data, vocab=plan.new.vocab, tokenizer=self.tokenizer,
+            separator=eos if isinstance(eos, int) else None, bin_dtype=options.bin_dtype,
+        )
+        self.data.require(self.seq_len)
+        self.mask_id = self._mask_token() if self.task == "masked_lm" else None
+
+    def _mask_token(self) -> int:
+        if self.options.mask_token_id is not None:
+            return int(self.options.mask_token_id)
+        if self.tokenizer:
+            tok = corpus._load_tokenizer(self.tokenizer, self.tokenizer)
+            for name in MASK_TOKENS:
+                found = tok.token_to_id(name)
+                if found is not None:
+                    return int(found)
+        raise UsageError("masked-LM fitting needs the mask token's id, and the tokenizer has no [MASK]/<mask>",
+                         hint="pass --tokenizer, or mask_token_id in the fit options")
+
+    # -- batches --------------------------------------------------------------------
+
+    def _batch(self, windows: torch.Tensor, gen: torch.Generator) -> dict:
+        """The global batch: inputs, targets and the global count the loss divides by."""
+        if self.task == "causal_lm":
+            ids, labels = windows[:, :-1], windows[:, 1:]
+            return {"input_ids": ids, "labels": labels, "count": ids.numel()}
+        ids = windows[:, :-1].clone()
+        pick = torch.rand(ids.shape, generator=gen) < self.options.mask_rate
+        if not pick.any():  # a loss over zero tokens is undefined
+            pick.view(-1)[torch.randint(0, ids.numel(), (1,), generator=gen)] = True
+        labels = torch.where(pick, ids, torch.full_like(ids, -100))
+        # BERT's recipe: of the picked tokens 80% become [MASK], 10% a random id, 10% stay.
+        roll = torch.rand(ids.shape, generator=gen)
+        rand_ids = torch.randint(0, self.plan.new.vocab, ids.shape, generator=gen)
+        ids = torch.where(pick & (roll < 0.8), torch.full_like(ids, self.mask_id), ids)
+        ids = torch.where(pick & (roll >= 0.8) & (roll < 0.9), rand_ids, ids)
+        count = ids.numel() if self.options.objective == "distill" else int(pick.sum())
+        return {"input_ids": ids, "labels": labels, "count": count}
+
+    def _local(self, batch: dict, device: torch.device) -> dict:
+        part = self.dist.part(batch["input_ids"].shape[0])
+        return {k: (v[part].to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    # -- loss -----------------------------------------------------------------------
+
+    def _logits(self, module, weights, ids):
+        out = torch.func.functional_call(module, weights, (), {"input_ids": ids}, tie_weights=True, strict=False)
+        return self.arch.primary_output(self.plan.config, out)
+
+    def _loss_sum(self, module, weights, batch, teacher) -> torch.Tensor:
+        logits = self._logits(module, weights, batch["input_ids"]).float()
+        vocab = logits.shape[-1]
+        if self.options.objective == "distill":
+            with torch.no_grad():
+                ref = self.arch.primary_output(self.source.config, teacher(input_ids=batch["input_ids"])).float()
+            return F.kl_div(F.log_softmax(logits, -1).view(-1, vocab), F.log_softmax(ref, -1).view(-1, vocab),
+                            log_target=True, reduction="sum")
+        return F.cross_entropy(logits.view(-1, vocab), batch["labels"].reshape(-1), ignore_index=-100, reduction="sum")
+
+    # -- run ------------------------------------------------------------------------
+
+    def settings(self) -> dict:
+        o = self.options
+        return {
+            "objective": o.objective, "task": self.task, "steps": o.steps, "lr": o.lr, "warmup": o.warmup_steps,
+            "schedule": f"linear warmup, cosine to {o.min_lr_ratio:g} x lr", "min_lr_ratio": o.min_lr_ratio,
+            "weight_decay": o.weight_decay, "optimizer": "AdamW", "betas": list(o.betas), "eps": o.eps,
+            "grad_clip": o.grad_clip, "batch_size": o.batch_size, "per_rank_batch": o.batch_size // self.dist.world,
+            "seq_len": self.seq_len, "seed": o.seed, "eval_batches": o.eval_batches,
+            "mask_rate": o.mask_rate if self.task == "masked_lm" else None, "world_size": self.dist.world,
+        }
+
+    def run(self, progress: bool = True) -> dict:
+        op, o = self.op, self.options
+        if self.data is None:
+            return {"operator": op.name, "steps": 0, "note": "no fit data: the operator is left at its initialisation"}
+        started = time.perf_counter()
+        device = resolve_device(o.device, self.dist.local_rank, self.dist.world)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        self.dist.start(device)
+        try:
+            return self._run(device, started, progress and self.dist.rank == 0)
+        finally:
+            self.dist.stop()
+
+    def _run(self, device: torch.device, started: float, show: bool) -> dict:
+        op, o = self.op, self.options
+        op.to(device)
+        module = build_target_module(self.arch, self.plan.config, device)
+        names = module_names(module, [t.name for t in self.plan.targets], self.source.layout.base_prefix)
+        teacher = None
+        if o.objective == "distill":
+            from .source import load_module
+
+            teacher = load_module(self.source).to(device).eval()
+        params = op.parameters()
+        tensors = list(params.values())
+        start_values = {k: v.detach().clone() for k, v in params.items()}
+        groups: dict[float, list] = {}
+        for name, t in params.items():
+            groups.setdefault(op.lr_scale(name), []).append(t)
+        optimiser = torch.optim.AdamW([{"params": ts, "lr": o.lr * scale} for scale, ts in groups.items()],
+                                      lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, o.lr_factor)
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext)
+
+        def weights() -> dict:
+            # Materialised under autocast (bf16 matmuls on CUDA), handed over in fp32 so the
+            # embeddings, norms and residual stream stay fp32 as in ordinary mixed precision.
+            return {names[k]: v.float() for k, v in op.materialise().items()}
+
+        # Separate seeded streams: the training windows, the eval windows, the MLM masks.
+        train = corpus.WindowSampler(self.data, self.seq_len, o.seed)
+        held = corpus.WindowSampler(self.data, self.seq_len, o.seed + 1_000_003)
+        eval_gen = torch.Generator().manual_seed(o.seed + 2_000_003)
+        eval_set = [self._batch(held.windows(o.batch_size), eval_gen) for _ in range(o.eval_batches)]
+        mask_gen = torch.Generator().manual_seed(o.seed + 3_000_017)
+
+        @torch.no_grad()
+        def evaluate() -> float | None:
+            if not eval_set:
+                return None
+            with autocast():
+                w = weights()
+                total = torch.zeros(2, dtype=torch.float64, device=device)
+                for batch in eval_set:
+                    local = self._local(batch, device)
+                    total[0] += self._loss_sum(module, w, local, teacher).double()
+                    total[1] += local["count"] / self.dist.world  # every rank adds its share of the global count
+            self.dist.sum_(total)
+            return float(total[0] / total[1])
+
+        settings = self.settings()
+        if show:
+            tqdm.write(f"fit {op.name}: " + ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None)
+                       + f", device={device}, operator tensors={sum(t.numel() for t in tensors):,}", file=sys.stderr)
+        before = evaluate()
+        losses, grad_norms, lrs, step_times = [], [], [], []
+        t_loop = time.perf_counter()
+        bar = tqdm(range(o.steps), desc=f"fitting {op.name}", unit="step", disable=not show, leave=False)
+        for step in bar:
+            t_step = time.perf_counter()
+            batch = self._batch(train.windows(o.batch_size), mask_gen)
+            local = self._local(batch, device)
+            with autocast():
+                loss = self._loss_sum(module, weights(), local, teacher) / batch["count"]
+            loss.backward()
+            self._sync_grads(tensors)
+            norm = torch.nn.utils.clip_grad_norm_(tensors, o.grad_clip) if o.grad_clip > 0 else _grad_norm(tensors)
+            lrs.append(o.lr * o.lr_factor(step))
+            optimiser.step()
+            schedule.step()
+            optimiser.zero_grad(set_to_none=True)
+            value = float(self.dist.sum_(loss.detach().double()))
+            losses.append(value)
+            grad_norms.append(float(norm))
+            step_times.append(time.perf_counter() - t_step)
+            bar.set_postfix(loss=f"{value:.4f}")
+        bar.close()
+        loop_s = time.perf_counter() - t_loop
+        op.fitted_steps = o.steps
+        after = evaluate()
+        report = {
+            "operator": op.name,
+            **settings,
+            "device": str(device),
+            "autocast": "bf16" if device.type == "cuda" else None,
+            "backend": self.dist.backend,
+            "data": self.data.describe(),
+            "operator_params": sum(t.numel() for t in tensors),
+            "eval": {"batches": o.eval_batches, "windows": o.eval_batches * o.batch_size, "before": before, "after": after},
+            "loss_curve": losses,
+            "grad_norm_curve": grad_norms,
+            "lr_curve": lrs,
+            "step_times": step_times,
+            "drift": _drift(op, params, start_values),
+            "wall_s": time.perf_counter() - started,
+            "step_s": loop_s / max(1, o.steps),
+            "tokens_per_s": o.steps * o.batch_size * self.seq_len / loop_s if loop_s > 0 else None,
+            "peak_memory": _peak_memory(device),
+        }
+        if o.save_operator and self.dist.rank == 0:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, o.save_operator,
+                      metadata={"modelgrow.operator": op.name, "modelgrow.fit_steps": str(o.steps)})
+            report["saved_operator"] = o.save_operator
+        return report
+
+    def _sync_grads(self, tensors: list[torch.Tensor]) -> None:
+        """Sum gradients over ranks in one flat all-reduce (the loss is already /global)."""
+        if self.dist.world <= 1:
+            return
+        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in tensors]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self.dist.sum_(flat)
+        offset = 0
+        for t, g in zip(tensors, grads):
+            n = g.numel()
+            t.grad = flat[offset:offset + n].view_as(t)
+            offset += n
+
+
+def _grad_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    grads = [t.grad.detach().norm() for t in tensors if t.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.zeros(())
+
+
+def _drift(op: LearnedOperator, params: dict, start: dict) -> dict:
+    """How far the operator moved: ||θ − θ0|| / ||θ0|| per group, and the largest change."""
+    groups: dict[str, list[float]] = {}
+    biggest = 0.0
+    for name, value in params.items():
+        delta = (value.detach() - start[name]).double()
+        g = groups.setdefault(op.param_group(name), [0.0, 0.0])
+        g[0] += float(delta.square().sum())
+        g[1] += float(start[name].double().square().sum())
+        biggest = max(biggest, float(delta.abs().max())) if delta.numel() else biggest
+    out = {k: {"relative": math.sqrt(d) / math.sqrt(s) if s > 0 else math.sqrt(d), "abs": math.sqrt(d)} for k, (d, s) in groups.items()}
+    total_d, total_s = sum(v[0] for v in groups.values()), sum(v[1] for v in groups.values())
+    return {"groups": out, "relative": math.sqrt(total_d / total_s) if total_s else 0.0, "max_abs": biggest}
+
+
+def _peak_memory(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"bytes": int(torch.cuda.max_memory_allocated(device)), "kind": "cuda max allocated"}
+    # ru_maxrss is KiB on Linux (bytes on macOS): the whole process's high-water mark.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return {"bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale, "kind": "process max RSS"}
+
+
+def operator_seed(seed: int, name: str) -> torch.Generator:
+    """A generator seeded by (seed, tensor name): results never depend on build order."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+__all__ = ["FitOptions", "Fit", "LearnedOperator", "FittedPromise", "is_writer", "resolve_device",
+           "build_target_module", "parameters_on_meta", "operator_seed", "OBJECTIVES"]
