@@ -32,6 +32,8 @@ class Architecture:
 
     def class_name(self, config: dict) -> str | None:
         names = config.get("architectures") or []
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise InputError(f"config 'architectures' must be a list of class names, got {names!r}")
         if names and names[0] in self.layout.classes:
             return names[0]
         if names and self.layout.classes:
@@ -54,8 +56,13 @@ class Architecture:
         value = config_get(config, tie["config_key"])
         return bool(tie["default"] if value is None else value)
 
-    def validate_config(self, config: dict) -> None:
-        """Raise UsageError if the runtime would refuse this (grown) config."""
+    def config_problem(self, config: dict) -> str | None:
+        """Why the runtime would refuse this config, or None. Checked for the source's
+        config (a bad input) and for the grown one (options that cannot work)."""
+        names = config.get("architectures")
+        if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+            return f"'architectures' must be a list of class names, got {names!r}"
+        return None
 
     # -- running the model (verify, fit, export) --------------------------------------
 
@@ -153,11 +160,15 @@ class HFArchitecture(Architecture):
         model_type = cfg.pop("model_type", None) or self.layout.model_types[0]
         return transformers.AutoConfig.for_model(model_type, **cfg)
 
-    def validate_config(self, config: dict) -> None:
+    def config_problem(self, config: dict) -> str | None:
+        problem = super().config_problem(config)
+        if problem:
+            return problem
         try:
             self.hf_config(config)
         except Exception as exc:  # noqa: BLE001 - transformers' validators raise many types
-            raise UsageError(f"transformers refuses the target config: {exc}", hint="change --heads/--kv-heads/--width") from None
+            return f"transformers refuses the config: {exc}"
+        return None
 
     def build_module(self, config: dict) -> torch.nn.Module:
         import transformers

@@ -215,7 +215,9 @@ def make_plan(source: SourceModel, spec: GrowthSpec) -> Plan:
 
     plan = Plan(source, spec, old, new, depth_map, {}, [], promise)
     plan.config = _target_config(plan)
-    source.arch.validate_config(plan.config)
+    problem = source.arch.config_problem(plan.config)
+    if problem:
+        raise UsageError(f"the grown model's config is invalid: {problem}", hint="change --heads/--kv-heads/--width")
     plan.targets = _targets(plan)
     return plan
 

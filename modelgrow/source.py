@@ -33,8 +33,19 @@ class SourceModel:
         self.arch = arch
         self.layout: Layout = arch.layout
         self.config = checkpoint.config
+        problem = arch.config_problem(self.config)
+        if problem:
+            raise CheckpointError(problem, path=checkpoint.config_path or checkpoint.path)
         self.dims: Dims = self.layout.dims(self.config, checkpoint.config_path)
         names = checkpoint.names()
+        # Checked before binding, which loops over layers: a lying layer count must not
+        # turn into a long loop.
+        if self.dims.layers > len(names):
+            raise CheckpointError(
+                f"config says {self.dims.layers} layers but the checkpoint holds only {len(names)} tensors",
+                path=checkpoint.config_path or checkpoint.path,
+            )
+
         prefix = self.layout.base_prefix
         # Checkpoints of the bare base model (and the canonical GPT-2 file) omit the prefix.
         self.prefixed = bool(prefix) and any(n.startswith(prefix) for n in names)

@@ -148,3 +148,23 @@ def test_dry_run_writes_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
     jsonschema.validate(report, _schema("report.schema.json"))
     assert report["plan"]["target_params"] > report["plan"]["source_params"]
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        ({"architectures": 5}, "'architectures' must be a list"),
+        ({"n_layer": 10**8}, "config says 100000000 layers"),
+        ({"layer_norm_epsilon": "x"}, "transformers refuses the config"),
+    ],
+)
+def test_hostile_config_values_are_bad_input(tmp_path, edit, message):
+    from modelgrow.errors import CheckpointError
+
+    src = tiny.gpt2(tmp_path / "g")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(edit)
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=message) as err:
+        open_source(src)
+    assert "config.json" in str(err.value)
