@@ -234,6 +234,8 @@ def verify(source, grown, config_path, batch, seq, seed, as_json):
         result = compare(s, g, batch=batch, seq=seq, seed=seed)
     click.echo(json.dumps(result.as_dict(), indent=2) if as_json else format_verify(result.as_dict()))
     if not result.passed:
+        click.echo(f"error: {grown}: outputs differ from {source} by {result.max_abs_diff:.3g} "
+                   f"(tolerance {result.tolerance:.3g})", err=True)
         sys.exit(EXIT_VERIFY_FAILED)
 
 
