@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,8 @@ class CheckpointWriter:
         self._metadata = {"format": "pt", **metadata}
         self._tmp: Path | None = None
         self._state_finished = False  # finish() done: shards and index final
+        self._hasher: ThreadPoolExecutor | None = None
+        self._pending: list[tuple[Path, Future]] = []  # (shard path, its fsync+sha256)
         self._state = "new"  # -> "open" -> "committed" | "aborted"
         self._names: set[str] = set()
         self._shard: dict[str, torch.Tensor] = {}
@@ -185,6 +188,7 @@ class CheckpointWriter:
         try:
             if self._shard or not self._shards:  # an empty checkpoint is still one file
                 self._flush()
+            self._wait_for_hashes()
             self._name_shards()
         except BaseException:
             self._abort()
@@ -258,9 +262,24 @@ class CheckpointWriter:
         with self._output_errors(path):
             save_file(self._shard, path, metadata=self._metadata)
             _sort_header_metadata(path)
-            self._record(tmp_name)
+        # fsync and sha256 re-read the file from the page cache: done on a helper thread
+        # while the caller computes the next shard (hashlib and fsync release the GIL).
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelgrow-hash")
+        self._pending.append((path, self._hasher.submit(self._record, tmp_name)))
         self._shards.append((tmp_name, list(self._shard)))
         self._shard, self._shard_bytes, self._shard_storages = {}, 0, set()
+
+    def _wait_for_hashes(self) -> None:
+        pending, self._pending = self._pending, []
+        try:
+            for path, future in pending:
+                with self._output_errors(path):
+                    future.result()
+        finally:
+            if self._hasher is not None:
+                self._hasher.shutdown(wait=True, cancel_futures=True)
+                self._hasher = None
 
     def _record(self, name: str) -> None:
         """fsync a finished file and remember its size and sha256 for the caller."""
@@ -287,6 +306,9 @@ class CheckpointWriter:
 
     def _abort(self) -> None:
         self._state = "aborted"
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True, cancel_futures=True)
+            self._hasher, self._pending = None, []
         self._shard, self._shard_storages = {}, set()
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
