@@ -192,6 +192,75 @@ def format_verify(v: dict) -> str:
             f"(tolerance {v['tolerance']:.3g}, batch {v['batch']} × {v['seq']} tokens)")
 
 
+@main.command("train")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--data", multiple=True, type=click.Path(path_type=Path), required=True,
+              help="Training data: text (tokenised with --tokenizer), .npy ids or raw .bin ids; repeat for more files.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Folder for the trained checkpoint: always dense, in SOURCE's format.")
+@click.option("--val-data", multiple=True, type=click.Path(path_type=Path),
+              help="Held-out data for the validation curve [default: the last --val-fraction of --data].")
+@click.option("--val-fraction", type=float, help="Tail of the token stream held out for validation [default: 0.05].")
+@click.option("--steps", type=int, help="Optimiser steps [default: 1000].")
+@click.option("--lr", type=float, help="Peak learning rate: AdamW, linear warmup, cosine to --min-lr-ratio [default: 1e-3].")
+@click.option("--warmup", type=int, help="Warmup steps [default: 10% of --steps, at most --relora-every].")
+@click.option("--min-lr-ratio", type=float, help="Where the cosine ends, as a fraction of --lr [default: 0.1].")
+@click.option("--weight-decay", type=float, help="AdamW weight decay of matrices and embeddings [default: 0.1].")
+@click.option("--batch-size", type=int, help="Global batch in windows, split across torchrun processes [default: 16].")
+@click.option("--seq-len", type=int, help="Tokens per window [default: min(128, the model's positions)].")
+@click.option("--seed", type=int, help="Seed of data order, dropout and adapters [default: 0].")
+@click.option("--device", help="auto, cpu, cuda or cuda:N; bf16 autocast on CUDA [default: auto].")
+@click.option("--grad-clip", type=float, help="Gradient norm clip, 0 for none [default: 1.0].")
+@click.option("--betas", type=(float, float), help="AdamW betas [default: 0.9 0.95].")
+@click.option("--eval-every", type=int, help="Validation every N steps, 0 for only before and after [default: steps/10].")
+@click.option("--eval-batches", type=int, help="Validation batches of --batch-size windows [default: 8].")
+@click.option("--relora", is_flag=True, default=None,
+              help="ReLoRA: train low-rank adapters on the layer matrices, merged every --relora-every steps.")
+@click.option("--rank", type=int, help="ReLoRA adapter rank [default: 128].")
+@click.option("--alpha", type=float, help="ReLoRA scale numerator: scale = alpha / rank [default: 32].")
+@click.option("--adapter-dropout", type=float, help="Dropout on the adapter branch [default: 0.1].")
+@click.option("--relora-every", type=int, help="Steps between merges; the LR drops to 0 there [default: 500].")
+@click.option("--restart-warmup", type=int, help="Steps to re-warm the LR after a merge [default: 50].")
+@click.option("--optimizer-prune", type=float,
+              help="Fraction of the adapters' Adam moments zeroed (smallest |m|) at a merge; >= 1 resets them [default: 0.9].")
+@click.option("--save-every", type=int,
+              help="Also write OUTPUT-checkpoints/step-N/ every N steps: a dense checkpoint plus the state --resume needs.")
+@click.option("--resume", type=click.Path(path_type=Path),
+              help="Continue from a step folder (or the latest one in OUTPUT-checkpoints/); give the same options.")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json for text data [default: the checkpoint's].")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="config.json, when not beside SOURCE.")
+@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest shard in bytes (KB/MB/GB, KiB/MiB/GiB).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT (and its step folders) if they exist.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write a JSON report of the run here.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Draw the train and validation loss curves to this PNG (needs matplotlib).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@handle_errors
+def train_command(source, data, output, resume, config_path, max_shard_size, overwrite, report_path, quiet, **options):
+    """Continue training SOURCE (e.g. a grown checkpoint), full-rank or with ReLoRA.
+
+    Under torchrun every process trains its slice of the global batch; rank 0 writes.
+    """
+    from .train import train
+
+    options = {k: v for k, v in options.items() if v not in (None, ())}
+    options["data"] = [str(p) for p in data]
+    report = train(source, output, options, overwrite=overwrite, resume=resume, progress=_progress(quiet),
+                   report_path=report_path, config_path=config_path, max_shard_size=max_shard_size)
+    if "output" in report:
+        click.echo(format_train(report))
+
+
+def format_train(r: dict) -> str:
+    mode = "full-rank" if r["mode"] == "full-rank" else f"ReLoRA r={r['relora']['rank']}, {r['restarts']} merges"
+    val = r["val_loss"]
+    loss = f"val loss {val['before']:.4f} -> {val['after']:.4f}" if val["before"] is not None and val["after"] is not None else "no validation"
+    out = r["output"]
+    size = sum(f["bytes"] for f in out["files"])
+    return (f"trained {r['steps']} steps ({mode}) on {r['device']} x{r['world_size']}, batch {r['options']['batch_size']} x "
+            f"{r['seq_len']}: {loss}; {r['trainable_params']:,} of {r['total_params']:,} parameters trained, optimizer state "
+            f"{r['optimizer_state_bytes']:,} bytes\nwrote {out['path']} ({len(out['files'])} files, {size:,} bytes) in {r['wall_s']:.1f}s")
+
+
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="config.json, when not beside PATH.")

@@ -16,6 +16,9 @@ Shared by every learned operator (and meant to carry the later full training loo
   same seeded generator and keeps its slice; the loss is normalised by the *global*
   token count, so all-reducing (summing) the gradients gives exactly the one-process
   gradient; only rank 0 writes.
+
+Batches, losses, devices, precision and data parallelism live in modelgrow.runtime,
+shared with `modelgrow train` (modelgrow.train).
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import dataclasses
 import hashlib
 import math
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -40,10 +42,12 @@ from . import corpus
 from .errors import UsageError
 from .operators.base import Operator
 from .plan import Promise
+from .runtime import (
+    LM_TASKS, Dist, LMObjective, autocast, grad_norm, is_writer, load_data, mask_token_id, mean_loss,
+    peak_memory, precision, prepare_device, resolve_device, sync_grads, tokenizer_file, world_size,
+)
 
 OBJECTIVES = ("lm", "distill")
-LM_TASKS = ("causal_lm", "masked_lm")
-MASK_TOKENS = ("[MASK]", "<mask>")
 
 
 @dataclass
@@ -193,81 +197,6 @@ class LearnedOperator(Operator):
         return self.prepare_fit(options).run(progress)
 
 
-# -- distributed ------------------------------------------------------------------------
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_writer() -> bool:
-    """Rank 0 of a torchrun launch (or a plain process) is the one that writes."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    backend: str | None = None
-    created: bool = False
-
-    @classmethod
-    def from_env(cls) -> _Dist:
-        return cls(int(os.environ.get("RANK", "0")), world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-    def start(self, device: torch.device) -> None:
-        if self.world <= 1:
-            return
-        import torch.distributed as dist
-
-        self.backend = "nccl" if device.type == "cuda" else "gloo"
-        if not dist.is_initialized():
-            dist.init_process_group(self.backend)
-            self.created = True
-
-    def stop(self) -> None:
-        if self.created:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-            self.created = False
-
-    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(tensor)
-        return tensor
-
-    def part(self, rows: int) -> slice:
-        per = rows // self.world
-        return slice(self.rank * per, (self.rank + 1) * per)
-
-
-def resolve_device(spec: str | None, local_rank: int = 0, world: int = 1) -> torch.device:
-    spec = (spec or "auto").strip().lower()
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec == "cuda" or spec.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {spec}: no CUDA device is available", hint="use --device cpu")
-        if spec == "cuda":
-            index = local_rank if world > 1 else torch.cuda.current_device()
-        else:
-            try:
-                index = int(spec.split(":", 1)[1])
-            except ValueError:
-                raise UsageError(f"--device {spec!r} is not a device", hint="auto, cpu, cuda or cuda:N") from None
-        if not 0 <= index < torch.cuda.device_count():
-            raise UsageError(f"--device {spec}: there are {torch.cuda.device_count()} CUDA devices")
-        return torch.device("cuda", index)
-    raise UsageError(f"--device {spec!r} is not a device", hint="auto, cpu, cuda or cuda:N")
-
-
 # -- the target module without weights --------------------------------------------------
 
 
@@ -323,13 +252,6 @@ def module_names(module: nn.Module, names: list[str], prefix: str) -> dict[str, 
 # -- the pass ---------------------------------------------------------------------------
 
 
-def _tokenizer_file(options: FitOptions, source) -> str | None:
-    if options.tokenizer:
-        return options.tokenizer
-    found = corpus.default_tokenizer(source.checkpoint.root)
-    return str(found) if found else None
-
-
 class Fit:
     """A prepared fit: options checked and data loaded (errors come before any step)."""
 
@@ -337,7 +259,7 @@ class Fit:
         self.op, self.options = op, options
         plan = op.plan
         self.plan, self.source, self.arch = plan, plan.source, plan.source.arch
-        self.dist = _Dist.from_env()
+        self.dist = Dist.from_env()
         info = self.arch.class_info(plan.config)
         self.task = info.get("task")
         self.data = None
@@ -360,50 +282,13 @@ class Fit:
             raise UsageError(f"--fit-seq-len {self.seq_len} exceeds the model's {positions} positions")
         if options.batch_size % self.dist.world:
             raise UsageError(f"--fit-batch-size {options.batch_size} does not split over {self.dist.world} processes")
-        eos = plan.config.get("eos_token_id")
-        self.tokenizer = _tokenizer_file(options, self.source)
-        self.data = corpus.load_tokens(
-            options.data, vocab=plan.new.vocab, tokenizer=self.tokenizer,
-            separator=eos if isinstance(eos, int) else None, bin_dtype=options.bin_dtype,
-        )
+        self.tokenizer = tokenizer_file(options.tokenizer, self.source)
+        self.data = load_data(options.data, vocab=plan.new.vocab, config=plan.config, tokenizer=self.tokenizer,
+                              bin_dtype=options.bin_dtype)
         self.data.require(self.seq_len)
-        self.mask_id = self._mask_token() if self.task == "masked_lm" else None
-
-    def _mask_token(self) -> int:
-        if self.options.mask_token_id is not None:
-            return int(self.options.mask_token_id)
-        if self.tokenizer:
-            tok = corpus._load_tokenizer(self.tokenizer, self.tokenizer)
-            for name in MASK_TOKENS:
-                found = tok.token_to_id(name)
-                if found is not None:
-                    return int(found)
-        raise UsageError("masked-LM fitting needs the mask token's id, and the tokenizer has no [MASK]/<mask>",
-                         hint="pass --tokenizer, or mask_token_id in the fit options")
-
-    # -- batches --------------------------------------------------------------------
-
-    def _batch(self, windows: torch.Tensor, gen: torch.Generator) -> dict:
-        """The global batch: inputs, targets and the global count the loss divides by."""
-        if self.task == "causal_lm":
-            ids, labels = windows[:, :-1], windows[:, 1:]
-            return {"input_ids": ids, "labels": labels, "count": ids.numel()}
-        ids = windows[:, :-1].clone()
-        pick = torch.rand(ids.shape, generator=gen) < self.options.mask_rate
-        if not pick.any():  # a loss over zero tokens is undefined
-            pick.view(-1)[torch.randint(0, ids.numel(), (1,), generator=gen)] = True
-        labels = torch.where(pick, ids, torch.full_like(ids, -100))
-        # BERT's recipe: of the picked tokens 80% become [MASK], 10% a random id, 10% stay.
-        roll = torch.rand(ids.shape, generator=gen)
-        rand_ids = torch.randint(0, self.plan.new.vocab, ids.shape, generator=gen)
-        ids = torch.where(pick & (roll < 0.8), torch.full_like(ids, self.mask_id), ids)
-        ids = torch.where(pick & (roll >= 0.8) & (roll < 0.9), rand_ids, ids)
-        count = ids.numel() if self.options.objective == "distill" else int(pick.sum())
-        return {"input_ids": ids, "labels": labels, "count": count}
-
-    def _local(self, batch: dict, device: torch.device) -> dict:
-        part = self.dist.part(batch["input_ids"].shape[0])
-        return {k: (v[part].to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        mask_id = mask_token_id(options.mask_token_id, self.tokenizer, "fit") if self.task == "masked_lm" else None
+        self.objective = LMObjective(self.task, plan.new.vocab, mask_id, options.mask_rate,
+                                     count_all=options.objective == "distill")
 
     # -- loss -----------------------------------------------------------------------
 
@@ -413,13 +298,13 @@ class Fit:
 
     def _loss_sum(self, module, weights, batch, teacher) -> torch.Tensor:
         logits = self._logits(module, weights, batch["input_ids"]).float()
-        vocab = logits.shape[-1]
         if self.options.objective == "distill":
+            vocab = logits.shape[-1]
             with torch.no_grad():
                 ref = self.arch.primary_output(self.source.config, teacher(input_ids=batch["input_ids"])).float()
             return F.kl_div(F.log_softmax(logits, -1).view(-1, vocab), F.log_softmax(ref, -1).view(-1, vocab),
                             log_target=True, reduction="sum")
-        return F.cross_entropy(logits.view(-1, vocab), batch["labels"].reshape(-1), ignore_index=-100, reduction="sum")
+        return self.objective.loss_sum(logits, batch)
 
     # -- run ------------------------------------------------------------------------
 
@@ -440,9 +325,7 @@ class Fit:
             return {"operator": op.name, "steps": 0, "note": "no fit data: the operator is left at its initialisation"}
         started = time.perf_counter()
         device = resolve_device(o.device, self.dist.local_rank, self.dist.world)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-            torch.cuda.reset_peak_memory_stats(device)
+        prepare_device(device)
         self.dist.start(device)
         try:
             return self._run(device, started, progress and self.dist.rank == 0)
@@ -468,7 +351,6 @@ class Fit:
         optimiser = torch.optim.AdamW([{"params": ts, "lr": o.lr * scale} for scale, ts in groups.items()],
                                       lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, o.lr_factor)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext)
 
         def weights() -> dict:
             # Materialised under autocast (bf16 matmuls on CUDA), handed over in fp32 so the
@@ -479,22 +361,16 @@ class Fit:
         train = corpus.WindowSampler(self.data, self.seq_len, o.seed)
         held = corpus.WindowSampler(self.data, self.seq_len, o.seed + 1_000_003)
         eval_gen = torch.Generator().manual_seed(o.seed + 2_000_003)
-        eval_set = [self._batch(held.windows(o.batch_size), eval_gen) for _ in range(o.eval_batches)]
+        eval_set = [self.objective.batch(held.windows(o.batch_size), eval_gen) for _ in range(o.eval_batches)]
         mask_gen = torch.Generator().manual_seed(o.seed + 3_000_017)
 
         @torch.no_grad()
         def evaluate() -> float | None:
             if not eval_set:
                 return None
-            with autocast():
+            with autocast(device):
                 w = weights()
-                total = torch.zeros(2, dtype=torch.float64, device=device)
-                for batch in eval_set:
-                    local = self._local(batch, device)
-                    total[0] += self._loss_sum(module, w, local, teacher).double()
-                    total[1] += local["count"] / self.dist.world  # every rank adds its share of the global count
-            self.dist.sum_(total)
-            return float(total[0] / total[1])
+                return mean_loss(self.dist, device, eval_set, lambda local: self._loss_sum(module, w, local, teacher))
 
         settings = self.settings()
         if show:
@@ -506,13 +382,13 @@ class Fit:
         bar = tqdm(range(o.steps), desc=f"fitting {op.name}", unit="step", disable=not show, leave=False)
         for step in bar:
             t_step = time.perf_counter()
-            batch = self._batch(train.windows(o.batch_size), mask_gen)
-            local = self._local(batch, device)
-            with autocast():
+            batch = self.objective.batch(train.windows(o.batch_size), mask_gen)
+            local = self.dist.local(batch, device)
+            with autocast(device):
                 loss = self._loss_sum(module, weights(), local, teacher) / batch["count"]
             loss.backward()
-            self._sync_grads(tensors)
-            norm = torch.nn.utils.clip_grad_norm_(tensors, o.grad_clip) if o.grad_clip > 0 else _grad_norm(tensors)
+            sync_grads(self.dist, tensors)
+            norm = torch.nn.utils.clip_grad_norm_(tensors, o.grad_clip) if o.grad_clip > 0 else grad_norm(tensors)
             lrs.append(o.lr * o.lr_factor(step))
             optimiser.step()
             schedule.step()
@@ -530,7 +406,7 @@ class Fit:
             "operator": op.name,
             **settings,
             "device": str(device),
-            "autocast": "bf16" if device.type == "cuda" else None,
+            "autocast": precision(device),
             "backend": self.dist.backend,
             "data": self.data.describe(),
             "operator_params": sum(t.numel() for t in tensors),
@@ -543,7 +419,7 @@ class Fit:
             "wall_s": time.perf_counter() - started,
             "step_s": loop_s / max(1, o.steps),
             "tokens_per_s": o.steps * o.batch_size * self.seq_len / loop_s if loop_s > 0 else None,
-            "peak_memory": _peak_memory(device),
+            "peak_memory": peak_memory(device),
         }
         if o.save_operator and self.dist.rank == 0:
             from safetensors.torch import save_file
@@ -552,24 +428,6 @@ class Fit:
                       metadata={"modelgrow.operator": op.name, "modelgrow.fit_steps": str(o.steps)})
             report["saved_operator"] = o.save_operator
         return report
-
-    def _sync_grads(self, tensors: list[torch.Tensor]) -> None:
-        """Sum gradients over ranks in one flat all-reduce (the loss is already /global)."""
-        if self.dist.world <= 1:
-            return
-        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in tensors]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        self.dist.sum_(flat)
-        offset = 0
-        for t, g in zip(tensors, grads):
-            n = g.numel()
-            t.grad = flat[offset:offset + n].view_as(t)
-            offset += n
-
-
-def _grad_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    grads = [t.grad.detach().norm() for t in tensors if t.grad is not None]
-    return torch.stack(grads).norm() if grads else torch.zeros(())
 
 
 def _drift(op: LearnedOperator, params: dict, start: dict) -> dict:
@@ -587,19 +445,13 @@ def _drift(op: LearnedOperator, params: dict, start: dict) -> dict:
     return {"groups": out, "relative": math.sqrt(total_d / total_s) if total_s else 0.0, "max_abs": biggest}
 
 
-def _peak_memory(device: torch.device) -> dict:
-    if device.type == "cuda":
-        return {"bytes": int(torch.cuda.max_memory_allocated(device)), "kind": "cuda max allocated"}
-    # ru_maxrss is KiB on Linux (bytes on macOS): the whole process's high-water mark.
-    scale = 1 if sys.platform == "darwin" else 1024
-    return {"bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale, "kind": "process max RSS"}
-
-
 def operator_seed(seed: int, name: str) -> torch.Generator:
     """A generator seeded by (seed, tensor name): results never depend on build order."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
-__all__ = ["FitOptions", "Fit", "LearnedOperator", "FittedPromise", "is_writer", "resolve_device",
-           "build_target_module", "parameters_on_meta", "operator_seed", "OBJECTIVES"]
+# is_writer, resolve_device and world_size moved to modelgrow.runtime; still importable
+# from here for existing callers.
+__all__ = ["FitOptions", "Fit", "LearnedOperator", "FittedPromise", "is_writer", "resolve_device", "world_size",
+           "build_target_module", "parameters_on_meta", "operator_seed", "OBJECTIVES", "LM_TASKS"]

@@ -1,0 +1,171 @@
+"""What `modelgrow train` writes: the dense result, and step checkpoints it can resume from.
+
+Dense output: the module's weights under *exactly* the input checkpoint's tensor names
+and dtypes, in its order. ReLoRA adapters are merged on the way out (W + scale·B·A in
+fp32, as the in-place merge computes it), so nothing adapter-shaped is ever written. A
+tied head is written only if the input stored it; tensors the layout ignores (GPT-2's
+causal-mask buffers in old files) are copied through untouched.
+
+Step checkpoint (``OUT-checkpoints/step-N/``, committed atomically by CheckpointWriter):
+the dense checkpoint above, loadable as is, plus ``training_state/``:
+
+- ``state.safetensors``: fp32 master values of every module parameter (ReLoRA's frozen
+  bases unmerged), each adapter's A and B, the Adam moments and step counts, and the
+  states of the data and mask generators;
+- ``state.json``: the step, restarts done, the options, data fingerprints and the
+  curves so far.
+
+safetensors and JSON only: nothing is pickled, nothing runs code when read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .checkpoint import CheckpointWriter
+from .errors import InputError
+from .fit import module_names
+from .relora import LoRAAdapter
+
+STATE_DIR = "training_state"
+STATE_JSON = "state.json"
+STATE_TENSORS = "state.safetensors"
+STATE_FORMAT = "modelgrow-train-state"
+STATE_VERSION = 1
+
+
+class WeightMap:
+    """Module parameters <-> the input checkpoint's stored tensor names.
+
+    Built on the plain module, before any adapter is inserted: parameters are kept as
+    objects, and an adapter later wraps the very same Parameter, so the map survives.
+    """
+
+    def __init__(self, source, module: torch.nn.Module):
+        self.source = source
+        self.named = list(module.named_parameters())  # tied parameters once
+        params = dict(self.named)
+        bound = [b for b in source.bound() if not source._is_tied_head(b.spec)]
+        # The names load_module loaded under (the layout's naming) -> module parameters.
+        to_module = module_names(module, [source.stored_name(b.spec, b.layer) for b in bound], source.layout.base_prefix)
+        self.param_of: dict[str, torch.nn.Parameter] = {}
+        for b in bound:
+            self.param_of[b.name] = params[to_module[source.stored_name(b.spec, b.layer)]]
+        tie = source.layout.tie
+        for b in source.bound():
+            if source._is_tied_head(b.spec):  # stored although tied: same values as the embedding
+                emb = next(e for e in bound if e.spec.name == tie["embedding"])
+                self.param_of[b.name] = self.param_of[emb.name]
+        for name, p in self.param_of.items():
+            shape = tuple(source.checkpoint.info(name).shape)
+            if tuple(p.shape) != shape:
+                raise RuntimeError(f"tensor {name!r} is {list(shape)} in the checkpoint but {list(p.shape)} in the module")
+
+    def dense(self, adapters: list[LoRAAdapter]):
+        """(stored name, tensor in the stored dtype, on the CPU) for every input tensor."""
+        merged = {id(a.base.weight): a for a in adapters}
+        ckpt = self.source.checkpoint
+        for name in ckpt.names():
+            dtype = ckpt.info(name).dtype
+            p = self.param_of.get(name)
+            if p is None:
+                yield name, ckpt.get(name)  # ignored by the layout: carried through as stored
+                continue
+            with torch.no_grad():
+                value = p.detach()
+                a = merged.get(id(p))
+                if a is not None:
+                    delta = (a.lora_B @ a.lora_A) * a.scale  # exactly LoRAAdapter.merge's sum
+                    value = value.float() + (delta.T if a.in_axis == 0 else delta)
+                yield name, value.to("cpu", dtype).contiguous()
+
+
+def write_dense(writer: CheckpointWriter, source, weights: WeightMap, adapters: list[LoRAAdapter]) -> None:
+    """Weights, config.json (byte for byte) and the tag-along files into ``writer``."""
+    for name, tensor in weights.dense(adapters):
+        writer.add(name, tensor)
+    config = source.checkpoint.config_path
+    if config is not None and Path(config).is_file():
+        writer.copy_file(config, "config.json")
+    else:
+        writer.write_json("config.json", source.config)
+    for f in source.checkpoint.tagalong_files():
+        writer.copy_file(f)
+
+
+def save_step(dest: Path, source, weights: WeightMap, adapters: list[LoRAAdapter], tensors: dict[str, torch.Tensor],
+              state: dict, *, max_shard_bytes: int, metadata: dict[str, str]) -> None:
+    """Commit a step checkpoint atomically: the dense model, then training_state/."""
+    with CheckpointWriter(dest, max_shard_bytes=max_shard_bytes, metadata=metadata, overwrite=True) as writer:
+        write_dense(writer, source, weights, adapters)
+        staged = writer.finish()
+        # Written into the staged folder before commit() moves it into place, so the step
+        # folder appears with its state or not at all. A subfolder, not a second
+        # *.safetensors beside the weights: loaders glob the top level.
+        folder = staged / STATE_DIR
+        folder.mkdir()
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, folder / STATE_TENSORS,
+                  metadata={"format": STATE_FORMAT})
+        (folder / STATE_JSON).write_text(json.dumps(state, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        for path in (folder / STATE_TENSORS, folder / STATE_JSON, folder):
+            _fsync(path)
+        writer.commit()
+
+
+def find_state(path: str | Path) -> Path:
+    """The step folder to resume from: ``path`` itself, or the latest step-N inside it."""
+    path = Path(path)
+    if (path / STATE_DIR / STATE_JSON).is_file():
+        return path
+    steps = sorted((p for p in path.glob("step-*") if (p / STATE_DIR / STATE_JSON).is_file()),
+                   key=lambda p: int(p.name.split("-", 1)[1]) if p.name.split("-", 1)[1].isdigit() else -1)
+    if not path.is_dir() or not steps:
+        raise InputError(f"no training state here (looked for {STATE_DIR}/{STATE_JSON} and step-N/ folders)", path=path,
+                         hint="give a step folder written by --save-every")
+    return steps[-1]
+
+
+def read_state(folder: Path) -> dict:
+    try:
+        state = json.loads((folder / STATE_DIR / STATE_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"unreadable training state: {exc}", path=folder / STATE_DIR / STATE_JSON) from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+        raise InputError(f"not a {STATE_FORMAT} v{STATE_VERSION} file", path=folder / STATE_DIR / STATE_JSON)
+    if not (folder / STATE_DIR / STATE_TENSORS).is_file():
+        raise InputError("training state tensors are missing", path=folder / STATE_DIR / STATE_TENSORS)
+    return state
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    path = folder / STATE_DIR / STATE_TENSORS
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise InputError(f"unreadable training state tensors: {exc}", path=path) from None
+
+
+def fingerprint(tokens) -> str:
+    """sha256 of a token stream's values (as int64, so .npy/.bin/text agree)."""
+    digest = hashlib.sha256()
+    step = 1 << 22
+    for start in range(0, len(tokens), step):
+        digest.update(np.asarray(tokens[start:start + step], dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
