@@ -30,30 +30,31 @@ GROWABLE_ROLES = ("residual", "attn", "kv", "ffn")
 INPUT_KINDS = ("tokens", "image")
 
 
-def config_get(config: dict, key: str) -> Any:
-    """``config[key]``, where a dotted key ("model_args.n_embd") walks nested objects.
+_MISSING = object()
 
-    A literal key wins over the dotted path, so configs whose keys contain dots still work.
-    """
+
+def _lookup(config: dict, key: str) -> Any:
     if key in config:
         return config[key]
     node: Any = config
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            return None
+            return _MISSING
         node = node[part]
     return node
 
 
+def config_get(config: dict, key: str) -> Any:
+    """``config[key]``, where a dotted key ("model_args.n_embd") walks nested objects.
+
+    A literal key wins over the dotted path, so configs whose keys contain dots still work.
+    """
+    value = _lookup(config, key)
+    return None if value is _MISSING else value
+
+
 def config_has(config: dict, key: str) -> bool:
-    if key in config:
-        return True
-    node: Any = config
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
+    return _lookup(config, key) is not _MISSING
 
 
 def config_set(config: dict, key: str, value: Any) -> None:
