@@ -67,8 +67,8 @@ class Sizes:
     corpus_bytes: int
 
 
-FULL = Sizes(embd=128, layers=4, heads=4, source_steps=2000, source_lr=3e-3, budget=1000, lr=1e-3, warmup=100,
-             batch=16, seq=64, eval_every=50, eval_batches=16, fit_steps=100, corpus_bytes=4_000_000)
+FULL = Sizes(embd=128, layers=4, heads=4, source_steps=2000, source_lr=3e-3, budget=800, lr=1e-3, warmup=80,
+             batch=16, seq=64, eval_every=50, eval_batches=8, fit_steps=100, corpus_bytes=4_000_000)
 QUICK = Sizes(embd=32, layers=2, heads=2, source_steps=200, source_lr=3e-3, budget=120, lr=2e-3, warmup=10,
               batch=8, seq=32, eval_every=20, eval_batches=4, fit_steps=10, corpus_bytes=300_000)
 
@@ -128,6 +128,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default: benchmarks/results/growth_quality[-quick].json)")
     ap.add_argument("--plot", type=Path, default=None, help="validation curves PNG (default beside the JSON)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--source-only", action="store_true", help="pretrain the source into --workdir and stop (reused later)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 with --quick, else 2)")
     args = ap.parse_args()
     sz = QUICK if args.quick else FULL
@@ -154,6 +155,9 @@ def main() -> None:
         train(init, src, options(sz, train_txt, val_txt, sz.source_steps, sz.source_lr, sz.warmup, args.seed),
               progress=False, report_path=src_report)
     source_report = json.loads(src_report.read_text())
+    if args.source_only:
+        log(f"source ready in {src}")
+        return
     source_val = source_report["val_curve"][-1][1]
     log(f"source validation loss {source_val:.4f}")
 
