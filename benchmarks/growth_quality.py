@@ -67,7 +67,7 @@ class Sizes:
     corpus_bytes: int
 
 
-FULL = Sizes(embd=128, layers=4, heads=4, source_steps=2000, source_lr=3e-3, budget=800, lr=1e-3, warmup=80,
+FULL = Sizes(embd=128, layers=4, heads=4, source_steps=2000, source_lr=3e-3, budget=600, lr=1e-3, warmup=60,
              batch=16, seq=64, eval_every=50, eval_batches=8, fit_steps=100, corpus_bytes=4_000_000)
 QUICK = Sizes(embd=32, layers=2, heads=2, source_steps=200, source_lr=3e-3, budget=120, lr=2e-3, warmup=10,
               batch=8, seq=32, eval_every=20, eval_batches=4, fit_steps=10, corpus_bytes=300_000)
@@ -128,6 +128,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default: benchmarks/results/growth_quality[-quick].json)")
     ap.add_argument("--plot", type=Path, default=None, help="validation curves PNG (default beside the JSON)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", default=None,
+                    help="comma-separated run numbers (0=scratch .. 5=ReLoRA) to compute now; the others are read from "
+                         "--workdir if an earlier call computed them. Lets runs go in parallel processes.")
     ap.add_argument("--source-only", action="store_true", help="pretrain the source into --workdir and stop (reused later)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 with --quick, else 2)")
     args = ap.parse_args()
@@ -175,14 +178,22 @@ def main() -> None:
         ("copy (exact) + ReLoRA", "copy", {"noise": 0.01, "noise_mode": "exact", "seed": args.seed, "relora": True}),
     ]
     rows = []
-    target_params = None
-    for label, op, opts in variants:
-        start = work / f"start-{len(rows)}"
+    only = None if args.only is None else {int(i) for i in args.only.split(",")}
+    for index, (label, op, opts) in enumerate(variants):
+        cached = work / f"row-{index}.json"
+        if cached.exists():  # computed by an earlier (or parallel) call on this workdir
+            rows.append(json.loads(cached.read_text()))
+            continue
+        if only is not None and index not in only:
+            rows.append({"run": label, "missing": "not computed in this call"})
+            continue
+        start = work / f"start-{index}"
         fit_steps = 0
         opts = dict(opts)
         relora = opts.pop("relora", False)
         fit_opts = opts.pop("fit", None)
         depth_mode = opts.pop("depth_mode", "identity")
+        shutil.rmtree(start, ignore_errors=True)  # a run killed earlier may have left it
         if op is None:
             random_gpt2(start, 2 * sz.embd, 2 * sz.layers, 2 * sz.heads, args.seed + 1)
         elif op not in operators:
@@ -192,7 +203,7 @@ def main() -> None:
         else:
             kwargs = {"fit_options": fit_opts} if fit_opts else {}
             convert(src, start, GrowthSpec(spec.width, spec.depth, depth_mode=depth_mode), operator=op,
-                             operator_options=opts, verify=False, progress=False, **kwargs)
+                    operator_options=opts, verify=False, progress=False, **kwargs)
             fit_steps = sz.fit_steps if fit_opts else 0
         log(f"{label}: training {sz.budget} steps")
         topts = options(sz, train_txt, val_txt, sz.budget, sz.lr, sz.warmup, args.seed)
@@ -201,14 +212,20 @@ def main() -> None:
             topts = dataclasses.replace(topts, relora=True, rank=max(8, sz.embd // 4), alpha=max(8, sz.embd // 4),
                                         lr=2 * sz.lr, relora_every=sz.budget // 3, restart_warmup=max(5, sz.budget // 30),
                                         adapter_dropout=0.0)
-        rep = train(start, work / f"trained-{len(rows)}", topts, progress=False)
-        target_params = target_params or describe(start)["params"]
+        shutil.rmtree(work / f"trained-{index}", ignore_errors=True)
+        rep = train(start, work / f"trained-{index}", topts, progress=False)
         rows.append({"run": label, "operator": op, "fit_steps": fit_steps, "val_curve": rep["val_curve"],
                      "val_after_growth": rep["val_curve"][0][1], "final_val": rep["val_curve"][-1][1],
                      "wall_s": rep["wall_s"], "step_s": rep.get("step_s"), "relora": relora,
-                     "trainable_params": rep["trainable_params"], "optimizer_state_bytes": rep["optimizer_state_bytes"]})
+                     "trainable_params": rep["trainable_params"], "optimizer_state_bytes": rep["optimizer_state_bytes"],
+                     "params": describe(start)["params"]})
+        cached.write_text(json.dumps(rows[-1]) + "\n")
 
     # 3. Steps, FLOPs and savings against scratch's final validation loss.
+    if only is not None:
+        log("computed the requested runs; run again without --only to assemble the table")
+        return
+    target_params = next(r["params"] for r in rows if "params" in r)
     scratch = rows[0]
     goal = scratch["final_val"]
     tokens_per_step = sz.batch * sz.seq
