@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .errors import InputError, LayoutError, UsageError
+from .errors import InputError, LayoutError
 from .layout import Layout, _template_regex, config_get
 
 

@@ -5,11 +5,16 @@ names: they see a plan (dims, depth map, promise) and produce one target tensor 
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any, ClassVar
 
 import torch
 
+from ..errors import UsageError
+from ..maps import RoleMaps
 from ..plan import Plan, Promise, TargetTensor
+
+NOISE_MODES = ("exact", "plain")
 
 
 class Operator:
@@ -44,3 +49,24 @@ class Operator:
 
     def describe_options(self) -> dict[str, Any]:
         return {"seed": self.seed}
+
+
+def read_noise(options: dict[str, Any], default: float = 0.01) -> tuple[float, str]:
+    """The symmetry-breaking options every copy-initialised operator shares."""
+    noise = options.get("noise")
+    noise = default if noise is None else float(noise)
+    mode = options.get("noise_mode") or "exact"
+    if noise < 0 or not math.isfinite(noise):
+        raise UsageError(f"--noise must be a non-negative number, got {noise}")
+    if mode not in NOISE_MODES:
+        raise UsageError(f"unknown --noise-mode {mode!r}", hint="choose exact or plain")
+    return noise, mode
+
+
+def copy_maps(plan: Plan) -> tuple[RoleMaps, set[str]]:
+    """The unit maps of the copy solution, and the norms that take 1/k before a tied head."""
+    layout = plan.source.layout
+    maps = RoleMaps(plan.old, plan.new, layout.norm_type, layout.norm_placement)
+    tie = layout.tie
+    head_norms = set(tie.get("norm_before_head", [])) if tie and plan.source.tied else set()
+    return maps, head_norms

@@ -17,13 +17,11 @@ import math
 
 import torch
 
-from ..errors import UsageError
 from ..hookspecs import hookimpl
-from ..maps import AxisMap, RoleMaps
+from ..maps import AxisMap
 from ..plan import Promise, TargetTensor  # noqa: F401 (Promise in signatures)
-from .base import Operator
+from .base import NOISE_MODES, Operator, copy_maps, read_noise  # noqa: F401 (mango imports NOISE_MODES from here)
 
-NOISE_MODES = ("exact", "plain")
 
 
 class CopyOperator(Operator):
@@ -32,16 +30,8 @@ class CopyOperator(Operator):
 
     def __init__(self, plan, **options):
         super().__init__(plan, **options)
-        self.noise = float(options.get("noise", 0.0) or 0.0)
-        self.noise_mode = options.get("noise_mode", "exact") or "exact"
-        if self.noise < 0 or not math.isfinite(self.noise):
-            raise UsageError(f"--noise must be a non-negative number, got {self.noise}")
-        if self.noise_mode not in NOISE_MODES:
-            raise UsageError(f"unknown --noise-mode {self.noise_mode!r}", hint="choose exact or plain")
-        layout = plan.source.layout
-        self.maps = RoleMaps(plan.old, plan.new, layout.norm_type, layout.norm_placement)
-        tie = layout.tie
-        self.head_norms = set(tie.get("norm_before_head", [])) if tie and plan.source.tied else set()
+        self.noise, self.noise_mode = read_noise(options)
+        self.maps, self.head_norms = copy_maps(plan)
 
     def promise(self) -> Promise:
         p = self.plan.promise

@@ -48,12 +48,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import UsageError
 from ..fit import LearnedOperator, operator_seed
 from ..hookspecs import hookimpl
-from ..maps import AxisMap, RoleMaps, circular
+from ..maps import AxisMap, circular
 from ..plan import TargetTensor
-from .copy import NOISE_MODES
+from .base import copy_maps, read_noise
 
 # Roles whose units come in whole heads of head_dim (the role vocabulary's head spaces).
 HEAD_ROLES = ("attn", "kv")
@@ -88,17 +87,8 @@ class LiGOOperator(LearnedOperator):
 
     def __init__(self, plan, **options):
         super().__init__(plan, **options)
-        noise = options.get("noise")
-        self.noise = 0.01 if noise is None else float(noise)
-        self.noise_mode = options.get("noise_mode") or "exact"
-        if self.noise < 0 or not math.isfinite(self.noise):
-            raise UsageError(f"--noise must be a non-negative number, got {self.noise}")
-        if self.noise_mode not in NOISE_MODES:
-            raise UsageError(f"unknown --noise-mode {self.noise_mode!r}", hint="choose exact or plain")
-        layout = plan.source.layout
-        self.maps = RoleMaps(plan.old, plan.new, layout.norm_type, layout.norm_placement)
-        tie = layout.tie
-        self.head_norms = set(tie.get("norm_before_head", [])) if tie and plan.source.tied else set()
+        self.noise, self.noise_mode = read_noise(options)
+        self.maps, self.head_norms = copy_maps(plan)
         self.params: dict[str, torch.Tensor] = {}
         self._row_maps: dict[str, AxisMap] = {}  # which source unit each matrix row copies
         self._src: dict[str, torch.Tensor] | None = None
