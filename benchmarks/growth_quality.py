@@ -131,6 +131,8 @@ def main() -> None:
     ap.add_argument("--only", default=None,
                     help="comma-separated run numbers (0=scratch .. 5=ReLoRA) to compute now; the others are read from "
                          "--workdir if an earlier call computed them. Lets runs go in parallel processes.")
+    ap.add_argument("--assemble", action="store_true",
+                    help="compute nothing: build the table from the runs --workdir already holds")
     ap.add_argument("--source-only", action="store_true", help="pretrain the source into --workdir and stop (reused later)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 with --quick, else 2)")
     args = ap.parse_args()
@@ -178,7 +180,7 @@ def main() -> None:
         ("copy (exact) + ReLoRA", "copy", {"noise": 0.01, "noise_mode": "exact", "seed": args.seed, "relora": True}),
     ]
     rows = []
-    only = None if args.only is None else {int(i) for i in args.only.split(",")}
+    only = set() if args.assemble else None if args.only is None else {int(i) for i in args.only.split(",")}
     for index, (label, op, opts) in enumerate(variants):
         cached = work / f"row-{index}.json"
         if cached.exists():  # computed by an earlier (or parallel) call on this workdir
@@ -222,7 +224,7 @@ def main() -> None:
         cached.write_text(json.dumps(rows[-1]) + "\n")
 
     # 3. Steps, FLOPs and savings against scratch's final validation loss.
-    if only is not None:
+    if only is not None and not args.assemble:
         log("computed the requested runs; run again without --only to assemble the table")
         return
     target_params = next(r["params"] for r in rows if "params" in r)
