@@ -164,6 +164,13 @@ class HFArchitecture(Architecture):
         problem = super().config_problem(config)
         if problem:
             return problem
+        from transformers import CONFIG_MAPPING
+
+        model_type = config.get("model_type") or self.layout.model_types[0]
+        if model_type not in CONFIG_MAPPING:
+            # A model type transformers does not know: growth needs only the layout;
+            # building the module (verify, fit, export) will say what is missing.
+            return None
         try:
             self.hf_config(config)
         except Exception as exc:  # noqa: BLE001 - transformers' validators raise many types
