@@ -93,8 +93,15 @@ def _fit_params_read_from_context(fn):
 @click.option("--noise-mode", type=click.Choice(["exact", "plain"]), default="exact", show_default=True,
               help="exact: noise cancels across copies (function preserved); plain: noise everywhere.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for noise; same seed, same bytes.")
+@click.option("--rank", type=int, help="mango: ring rank of the tensor-ring operator, 1 to 64 [default: 4].")
+@click.option("--slot-grouping", help="mango: slices (matrices cut into residual-sized slots) or modules "
+                                      "(one slot per matrix, zero-padded) [default: slices].")
+@click.option("--ring-init", help="mango: ring channels beyond the copy map start at zero (copy) or as copies "
+                                  "whose depth core is zero (echo); both exact [default: copy].")
+@click.option("--ring-residual", help="mango: embeddings, norms and the head grow through their own residual "
+                                      "map (separate) or the ring's channel 0 (tied) [default: separate].")
 @click.option("--fit-data", "fit_data", multiple=True, type=click.Path(path_type=Path),
-              help="Learned operators (ligo): data to fit on: text (tokenised with --tokenizer), .npy ids, or raw "
+              help="Learned operators (ligo, mango): data to fit on: text (tokenised with --tokenizer), .npy ids, or raw "
                    ".bin ids (uint16, uint32 past 65,536 ids); repeat for more files. A learned operator refuses to run "
                    "without it unless --fit-steps 0, which writes its exact copy initialisation.")
 @click.option("--fit-steps", type=int, help="Optimiser steps of the fit [default: 100].")
@@ -121,8 +128,8 @@ def _fit_params_read_from_context(fn):
               help="Also export the grown model to this .onnx file, checked like `modelgrow export` does.")
 @handle_errors
 def convert(source, output, config_path, width, depth, heads, kv_heads, ffn, depth_mode, operator, noise,
-            noise_mode, seed, max_shard_size, overwrite, verify, dry_run, allow_nonfinite, report_path, quiet,
-            onnx_path):
+            noise_mode, seed, rank, slot_grouping, ring_init, ring_residual, max_shard_size, overwrite, verify,
+            dry_run, allow_nonfinite, report_path, quiet, onnx_path):
     """Grow SOURCE (a .safetensors file, a sharded index, or a Hugging Face folder)."""
     from .grow import convert as run
 
@@ -135,10 +142,14 @@ def convert(source, output, config_path, width, depth, heads, kv_heads, ffn, dep
     spec = GrowthSpec(width=width, depth=depth, heads=heads, kv_heads=kv_heads, ffn=ffn, depth_mode=depth_mode)
     ctx = click.get_current_context().params
     fit_options = {key: ctx[opt] for key, opt in FIT_OPTIONS.items() if ctx[opt] not in (None, ())}
+    operator_options = {"noise": noise, "noise_mode": noise_mode, "seed": seed}
+    # Operator-specific options travel only when given; the operator checks them.
+    given = {"rank": rank, "slot_grouping": slot_grouping, "ring_init": ring_init, "ring_residual": ring_residual}
+    operator_options.update({k: v for k, v in given.items() if v is not None})
     report = run(
         source, None if dry_run else output, spec,
         operator=operator,
-        operator_options={"noise": noise, "noise_mode": noise_mode, "seed": seed},
+        operator_options=operator_options,
         config_path=config_path, max_shard_size=max_shard_size, overwrite=overwrite, verify=verify,
         dry_run=dry_run, allow_nonfinite=allow_nonfinite, report_path=report_path, progress=_progress(quiet),
         fit_options=fit_options,

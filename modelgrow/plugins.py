@@ -27,6 +27,7 @@ DEFAULT_PLUGINS = (
     "modelgrow.architectures.builtin",
     "modelgrow.operators.copy",
     "modelgrow.operators.ligo",
+    "modelgrow.operators.mango",
 )
 
 pm = pluggy.PluginManager("modelgrow")
