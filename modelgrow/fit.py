@@ -43,6 +43,7 @@ from .errors import UsageError
 from .operators.base import Operator
 from .plan import Promise
 from .runtime import (
+    lm_task, window_length,
     LM_TASKS, Dist, LMObjective, autocast, grad_norm, is_writer, load_data, mask_token_id, mean_loss,
     peak_memory, precision, prepare_device, resolve_device, sync_grads, tokenizer_file, world_size,
 )
@@ -270,18 +271,8 @@ class Fit:
                 f"the {op.name} operator needs --fit-data to fit on",
                 hint="give a text/.npy/.bin file, or --fit-steps 0 to write its copy initialisation",
             )
-        if info.get("output") != "logits" or self.task not in LM_TASKS:
-            raise UsageError(
-                f"fitting needs a model class with a language-model head; {self.arch.class_name(plan.config)} "
-                f"outputs {info.get('output')} (task {self.task})",
-                hint="grow the ...ForCausalLM / ...ForMaskedLM checkpoint, or use --operator copy",
-            )
-        positions = plan.new.positions
-        self.seq_len = options.seq_len or min(128, positions or 128)
-        if positions and self.seq_len > positions:
-            raise UsageError(f"--fit-seq-len {self.seq_len} exceeds the model's {positions} positions")
-        if options.batch_size % self.dist.world:
-            raise UsageError(f"--fit-batch-size {options.batch_size} does not split over {self.dist.world} processes")
+        lm_task(self.arch, plan.config, "fitting", "grow the ...ForCausalLM / ...ForMaskedLM checkpoint, or use --operator copy")
+        self.seq_len = window_length(options.seq_len, plan.new.positions, options.batch_size, self.dist.world, "fit-")
         self.tokenizer = tokenizer_file(options.tokenizer, self.source)
         self.data = load_data(options.data, vocab=plan.new.vocab, config=plan.config, tokenizer=self.tokenizer,
                               bin_dtype=options.bin_dtype)

@@ -171,6 +171,29 @@ def peak_memory(device: torch.device) -> dict:
 # -- data and the language-model objective ------------------------------------------------
 
 
+def lm_task(arch, config: dict, doing: str, hint: str) -> str:
+    """The class's language-model task; fitting and training need logits to score."""
+    info = arch.class_info(config)
+    task = info.get("task")
+    if info.get("output") != "logits" or task not in LM_TASKS:
+        raise UsageError(
+            f"{doing} needs a model class with a language-model head; {arch.class_name(config)} "
+            f"outputs {info.get('output')} (task {task})",
+            hint=hint,
+        )
+    return task
+
+
+def window_length(requested: int | None, positions: int | None, batch_size: int, world: int, flag: str) -> int:
+    """Tokens per training window (default min(128, positions)); the batch must split over ranks."""
+    seq_len = requested or min(128, positions or 128)
+    if positions and seq_len > positions:
+        raise UsageError(f"--{flag}seq-len {seq_len} exceeds the model's {positions} positions")
+    if batch_size % world:
+        raise UsageError(f"--{flag}batch-size {batch_size} does not split over {world} processes")
+    return seq_len
+
+
 def tokenizer_file(explicit: str | None, source) -> str | None:
     """--tokenizer if given, else the checkpoint's own tokenizer.json."""
     if explicit:
@@ -253,6 +276,6 @@ def mean_loss(dist: Dist, device: torch.device, batches: list[dict], loss_sum) -
     return float(total[0] / total[1])
 
 
-__all__ = ["Dist", "LMObjective", "LM_TASKS", "autocast", "grad_norm", "is_writer", "load_data", "mask_token_id",
+__all__ = ["Dist", "LMObjective", "LM_TASKS", "lm_task", "window_length", "autocast", "grad_norm", "is_writer", "load_data", "mask_token_id",
            "mean_loss", "peak_memory", "precision", "prepare_device", "resolve_device", "sync_grads",
            "tokenizer_file", "world_size"]

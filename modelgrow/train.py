@@ -53,7 +53,8 @@ from .grow import _check_destination
 from .relora import add_adapters, adapter_targets, jagged_cosine, prune_moments, remove_adapters
 from .report import write_report
 from .runtime import (
-    LM_TASKS, Dist, LMObjective, autocast, grad_norm, is_writer, load_data, mask_token_id, mean_loss,
+    lm_task, window_length,
+    Dist, LMObjective, autocast, grad_norm, is_writer, load_data, mask_token_id, mean_loss,
     peak_memory, precision, prepare_device, resolve_device, sync_grads, tokenizer_file,
 )
 from .source import SourceModel, load_module, open_source
@@ -244,20 +245,8 @@ class Trainer:
         o = options
         self.arch, self.config = source.arch, source.config
         self.dist = Dist.from_env()
-        info = self.arch.class_info(self.config)
-        self.task = info.get("task")
-        if info.get("output") != "logits" or self.task not in LM_TASKS:
-            raise UsageError(
-                f"training needs a model class with a language-model head; {self.arch.class_name(self.config)} "
-                f"outputs {info.get('output')} (task {self.task})",
-                hint="train the ...ForCausalLM / ...ForMaskedLM checkpoint",
-            )
-        positions = source.dims.positions
-        self.seq_len = o.seq_len or min(128, positions or 128)
-        if positions and self.seq_len > positions:
-            raise UsageError(f"--seq-len {self.seq_len} exceeds the model's {positions} positions")
-        if o.batch_size % self.dist.world:
-            raise UsageError(f"--batch-size {o.batch_size} does not split over {self.dist.world} processes")
+        self.task = lm_task(self.arch, self.config, "training", "train the ...ForCausalLM / ...ForMaskedLM checkpoint")
+        self.seq_len = window_length(o.seq_len, source.dims.positions, o.batch_size, self.dist.world, "")
         if o.relora:
             self._check_rank()
         for path, what in ((o.plot, "--plot"), (report_path, "--report")):
