@@ -42,13 +42,7 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 CORPUS_FILES = ["argparse.py", "dataclasses.py", "textwrap.py", "json/decoder.py", "collections/__init__.py"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The suite shares two cores with other work: one thread is faster than two fighting.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 INIT_CASES = [

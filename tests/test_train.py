@@ -46,13 +46,7 @@ DEMO_RUN = ["--steps", "60", "--batch-size", "8", "--seq-len", "64", "--lr", "1e
 RELORA = {"relora": True, "rank": 8, "relora_every": 20, "restart_warmup": 5}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The suite shares two cores with other work: one thread is faster than two fighting.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _corpus(folder: Path) -> Path:
