@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import CheckpointWriter
+from .checkpoint.writer import _fsync_dir
 from .errors import InputError
 from .fit import module_names
 from .relora import LoRAAdapter
@@ -116,7 +116,7 @@ def save_step(dest: Path, source, weights: WeightMap, adapters: list[LoRAAdapter
                   metadata={"format": STATE_FORMAT})
         (folder / STATE_JSON).write_text(json.dumps(state, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         for path in (folder / STATE_TENSORS, folder / STATE_JSON, folder):
-            _fsync(path)
+            _fsync_dir(path)  # works for files too: fsync of an O_RDONLY descriptor
         writer.commit()
 
 
@@ -161,11 +161,3 @@ def fingerprint(tokens) -> str:
     for start in range(0, len(tokens), step):
         digest.update(np.asarray(tokens[start:start + step], dtype=np.int64).tobytes())
     return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

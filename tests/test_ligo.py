@@ -16,7 +16,6 @@ import os
 import socket
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import jsonschema
@@ -38,8 +37,6 @@ from modelgrow.plan import GrowthSpec, make_plan
 from modelgrow.source import open_source
 
 REPO = Path(__file__).resolve().parents[1]
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-CORPUS_FILES = ["argparse.py", "dataclasses.py", "textwrap.py", "json/decoder.py", "collections/__init__.py"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -80,15 +77,6 @@ def test_exact_noise_keeps_the_function_and_zero_steps_need_no_data(tmp_path):
     assert not (tmp_path / "out2").exists()
 
 
-def _corpus(folder: Path) -> Path:
-    texts = [(STDLIB / f).read_text(encoding="utf-8") for f in CORPUS_FILES if (STDLIB / f).is_file()]
-    if sum(map(len, texts)) < 50_000:
-        pytest.skip("the Python standard library's source is not available")
-    path = folder / "corpus.txt"
-    path.write_text("\n".join(texts), encoding="utf-8")
-    return path
-
-
 def _lm_loss(folder: Path, windows: torch.Tensor) -> float:
     model, info = transformers.GPT2LMHeadModel.from_pretrained(folder, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -97,7 +85,7 @@ def _lm_loss(folder: Path, windows: torch.Tensor) -> float:
 
 
 def test_fit_beats_the_copy_solution_on_the_demo(tmp_path):
-    corpus = _corpus(tmp_path)
+    corpus = tiny.stdlib_corpus(tmp_path)
     demo = demo_checkpoint()
     report_path = tmp_path / "report.json"
     result = CliRunner().invoke(main, [

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import sysconfig
 from pathlib import Path
 
 import jsonschema
@@ -39,8 +38,6 @@ from modelgrow.plan import GrowthSpec, make_plan
 from modelgrow.source import open_source
 
 REPO = Path(__file__).resolve().parents[1]
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-CORPUS_FILES = ["argparse.py", "dataclasses.py", "textwrap.py", "json/decoder.py", "collections/__init__.py"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -219,17 +216,8 @@ def test_options_are_checked(tmp_path):
 # -- fitting and architectures -------------------------------------------------------------
 
 
-def _corpus(folder: Path) -> Path:
-    texts = [(STDLIB / f).read_text(encoding="utf-8") for f in CORPUS_FILES if (STDLIB / f).is_file()]
-    if sum(map(len, texts)) < 50_000:
-        pytest.skip("the Python standard library's source is not available")
-    path = folder / "corpus.txt"
-    path.write_text("\n".join(texts), encoding="utf-8")
-    return path
-
-
 def test_a_short_fit_lowers_the_demo_loss(tmp_path):
-    corpus = _corpus(tmp_path)
+    corpus = tiny.stdlib_corpus(tmp_path)
     report_path = tmp_path / "report.json"
     result = CliRunner().invoke(main, [
         "convert", str(demo_checkpoint()), "--width", "2x", "--depth", "2x", "--operator", "mango", "--rank", "4",
@@ -284,7 +272,7 @@ def test_architectures_grow_and_load_in_transformers(tmp_path, maker, cls):
 
 def test_fitting_a_vision_model_is_refused_before_anything_is_written(tmp_path):
     src = _vit(tmp_path / "src")
-    data = _corpus(tmp_path)
+    data = tiny.stdlib_corpus(tmp_path)
     with pytest.raises(UsageError, match="language-model head"):
         convert(src, tmp_path / "out", GrowthSpec(width="2x"), operator="mango",
                 fit_options={"data": [data], "steps": 2}, progress=False)

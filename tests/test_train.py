@@ -18,7 +18,6 @@ import os
 import socket
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import jsonschema
@@ -37,8 +36,6 @@ from modelgrow.errors import UsageError
 from modelgrow.train import TrainOptions, checkpoints_dir, train
 
 REPO = Path(__file__).resolve().parents[1]
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-CORPUS_FILES = ["argparse.py", "dataclasses.py", "textwrap.py", "json/decoder.py", "collections/__init__.py"]
 SCHEMA = json.loads((REPO / "schemas" / "train-report.schema.json").read_text())
 # The demo model already converged on the standard library at lr 3e-4; 1e-4 keeps improving
 # it within 60 steps (1e-3 first undoes some of that pretraining).
@@ -47,15 +44,6 @@ RELORA = {"relora": True, "rank": 8, "relora_every": 20, "restart_warmup": 5}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
-def _corpus(folder: Path) -> Path:
-    texts = [(STDLIB / f).read_text(encoding="utf-8") for f in CORPUS_FILES if (STDLIB / f).is_file()]
-    if sum(map(len, texts)) < 50_000:
-        pytest.skip("the Python standard library's source is not available")
-    path = folder / "corpus.txt"
-    path.write_text("\n".join(texts), encoding="utf-8")
-    return path
 
 
 def _val_windows(corpus: Path, seq_len: int, count: int) -> torch.Tensor:
@@ -72,7 +60,7 @@ def _names_and_dtypes(path: Path) -> dict:
 
 
 def test_full_rank_and_relora_lower_the_validation_loss_on_the_demo(tmp_path):
-    corpus, demo = _corpus(tmp_path), demo_checkpoint()
+    corpus, demo = tiny.stdlib_corpus(tmp_path), demo_checkpoint()
     report_path, plot = tmp_path / "full.json", tmp_path / "loss.png"
     result = CliRunner().invoke(main, ["train", str(demo), "--data", str(corpus), *DEMO_RUN, "-o", str(tmp_path / "full"),
                                        "--report", str(report_path), "--plot", str(plot)])

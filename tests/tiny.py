@@ -6,7 +6,10 @@ that mishandled norms or biases could still look exact.
 
 from __future__ import annotations
 
+import sysconfig
 from pathlib import Path
+
+import pytest
 
 import torch
 import transformers
@@ -67,3 +70,17 @@ def bert(folder: Path, *, mlm: bool = True, hidden: int = 32, layers: int = 2, h
     cls = transformers.BertForMaskedLM if mlm else transformers.BertModel
     torch.manual_seed(seed)
     return save(randomise(cls(cfg), seed), folder)
+
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+CORPUS_FILES = ["argparse.py", "dataclasses.py", "textwrap.py", "json/decoder.py", "collections/__init__.py"]
+
+
+def stdlib_corpus(folder: Path) -> Path:
+    """~240 KB of real text every machine has: five standard-library modules, one file."""
+    texts = [(STDLIB / f).read_text(encoding="utf-8") for f in CORPUS_FILES if (STDLIB / f).is_file()]
+    if sum(map(len, texts)) < 50_000:
+        pytest.skip("the Python standard library's source is not available")
+    path = folder / "corpus.txt"
+    path.write_text("\n".join(texts), encoding="utf-8")
+    return path
