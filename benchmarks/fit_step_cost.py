@@ -1,4 +1,5 @@
-"""What one LiGO fit step costs next to one plain training step of the grown model.
+"""What one learned-operator fit step (LiGO or Mango) costs next to one plain training
+step of the grown model.
 
 A fit step materialises every target weight from the operator (depth mix, then the
 width expansions), runs the target module with them through functional_call and
@@ -8,6 +9,7 @@ dropout off in both. The ratio fit/plain is the figure of merit (goal: <= 1.5x).
 
     python benchmarks/fit_step_cost.py                      # GPT-2 d=256 -> 512, 4 -> 8 layers
     python benchmarks/fit_step_cost.py --batch 4 --seq 128  # materialisation matters more
+    python benchmarks/fit_step_cost.py --operator mango     # Mango at its default rank (4)
 
 Random weights and random token ids: cost does not depend on the values.
 """
@@ -26,8 +28,8 @@ import numpy as np
 import torch
 import transformers
 
+from modelgrow import plugins
 from modelgrow.fit import FitOptions, resolve_device
-from modelgrow.operators.ligo import LiGOOperator
 from modelgrow.plan import GrowthSpec, make_plan
 from modelgrow.source import open_source
 
@@ -66,7 +68,8 @@ def plain_steps(plan, device, args) -> list[float]:
 
 
 def fit_steps(plan, data: Path, device, args) -> tuple[list[float], dict]:
-    op = LiGOOperator(plan, noise=0.01)
+    options = {"noise": 0.01, **({"rank": args.rank} if args.operator == "mango" else {})}
+    op = plugins.get_operator(args.operator)(plan, **options)
     options = FitOptions(data=[str(data)], steps=args.warmup + args.steps, batch_size=args.batch, seq_len=args.seq,
                          eval_batches=0, device=str(device))
     report = op.prepare_fit(options).run(progress=False)
@@ -86,6 +89,8 @@ def _sync(device):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--operator", default="ligo", choices=["ligo", "mango"])
+    ap.add_argument("--rank", type=int, default=4, help="mango's ring rank")
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=50257)
@@ -119,6 +124,7 @@ def main() -> None:
     p, f = min(plain), min(fit)
     result = {
         "source": plan.old.as_dict(), "target": plan.new.as_dict(), "target_params": plan.target_params(),
+        "operator": args.operator, "rank": args.rank if args.operator == "mango" else None,
         "operator_params": report["operator_params"], "batch": args.batch, "seq": args.seq,
         "tokens_per_step": args.batch * args.seq, "device": str(device), "threads": torch.get_num_threads(),
         "plain_step_s": p, "fit_step_s": f, "ratio": f / p,
@@ -127,7 +133,7 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(),
     }
     print(json.dumps({k: v for k, v in result.items() if not k.endswith("steps_s")}, indent=2))
-    print(f"| d {plan.old.residual}->{plan.new.residual}, L {plan.old.layers}->{plan.new.layers}, vocab {plan.new.vocab} "
+    print(f"| {args.operator} | d {plan.old.residual}->{plan.new.residual}, L {plan.old.layers}->{plan.new.layers}, vocab {plan.new.vocab} "
           f"| {args.batch}x{args.seq} | {device} x{torch.get_num_threads()} | {p:.2f} s | {f:.2f} s | {f / p:.2f}x "
           f"| {result['median_ratio']:.2f}x |")
     if args.json:

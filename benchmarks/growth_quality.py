@@ -67,7 +67,7 @@ class Sizes:
     corpus_bytes: int
 
 
-FULL = Sizes(embd=128, layers=4, heads=4, source_steps=2000, source_lr=3e-3, budget=600, lr=1e-3, warmup=60,
+FULL = Sizes(embd=128, layers=4, heads=4, source_steps=2000, source_lr=3e-3, budget=2000, lr=1e-3, warmup=100,
              batch=16, seq=64, eval_every=50, eval_batches=8, fit_steps=100, corpus_bytes=4_000_000)
 QUICK = Sizes(embd=32, layers=2, heads=2, source_steps=200, source_lr=3e-3, budget=120, lr=2e-3, warmup=10,
               batch=8, seq=32, eval_every=20, eval_batches=4, fit_steps=10, corpus_bytes=300_000)
@@ -129,7 +129,7 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=None, help="validation curves PNG (default beside the JSON)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default=None,
-                    help="comma-separated run numbers (0=scratch .. 5=ReLoRA) to compute now; the others are read from "
+                    help="comma-separated run numbers (0=scratch .. 5=ReLoRA, 6=continued schedule) to compute now; the others are read from "
                          "--workdir if an earlier call computed them. Lets runs go in parallel processes.")
     ap.add_argument("--assemble", action="store_true",
                     help="compute nothing: build the table from the runs --workdir already holds")
@@ -178,6 +178,11 @@ def main() -> None:
         ("mango", "mango", {"seed": args.seed, "rank": 4, "fit": fit}),
         # The same exact start trained with ReLoRA instead of full-rank (benchmark part 4).
         ("copy (exact) + ReLoRA", "copy", {"noise": 0.01, "noise_mode": "exact", "seed": args.seed, "relora": True}),
+        # Not the shared schedule: the exact start continued the way the source ended
+        # (its final LR, a short warmup only to fill Adam's moments), to show what the
+        # shared schedule's re-warm costs a grown model.
+        ("copy (exact), continued schedule", "copy", {"noise": 0.01, "noise_mode": "exact", "seed": args.seed,
+                                                      "schedule": (sz.source_lr * 0.1, sz.warmup // 5)}),
     ]
     rows = []
     only = set() if args.assemble else None if args.only is None else {int(i) for i in args.only.split(",")}
@@ -195,6 +200,7 @@ def main() -> None:
         relora = opts.pop("relora", False)
         fit_opts = opts.pop("fit", None)
         depth_mode = opts.pop("depth_mode", "identity")
+        lr, warmup = opts.pop("schedule", (sz.lr, sz.warmup))
         shutil.rmtree(start, ignore_errors=True)  # a run killed earlier may have left it
         if op is None:
             random_gpt2(start, 2 * sz.embd, 2 * sz.layers, 2 * sz.heads, args.seed + 1)
@@ -208,7 +214,7 @@ def main() -> None:
                     operator_options=opts, verify=False, progress=False, **kwargs)
             fit_steps = sz.fit_steps if fit_opts else 0
         log(f"{label}: training {sz.budget} steps")
-        topts = options(sz, train_txt, val_txt, sz.budget, sz.lr, sz.warmup, args.seed)
+        topts = options(sz, train_txt, val_txt, sz.budget, lr, warmup, args.seed)
         if relora:
             # ReLoRA's rule of thumb: about twice the full-rank learning rate; 3 restarts.
             topts = dataclasses.replace(topts, relora=True, rank=max(8, sz.embd // 4), alpha=max(8, sz.embd // 4),
@@ -218,7 +224,7 @@ def main() -> None:
         rep = train(start, work / f"trained-{index}", topts, progress=False)
         rows.append({"run": label, "operator": op, "fit_steps": fit_steps, "val_curve": rep["val_curve"],
                      "val_after_growth": rep["val_curve"][0][1], "final_val": rep["val_curve"][-1][1],
-                     "wall_s": rep["wall_s"], "step_s": rep.get("step_s"), "relora": relora,
+                     "wall_s": rep["wall_s"], "step_s": rep.get("step_s"), "relora": relora, "lr": lr, "warmup": warmup,
                      "trainable_params": rep["trainable_params"], "optimizer_state_bytes": rep["optimizer_state_bytes"],
                      "params": describe(start)["params"]})
         cached.write_text(json.dumps(rows[-1]) + "\n")
@@ -248,7 +254,8 @@ def main() -> None:
         "sizes": sz.__dict__, "source_val": source_val, "source_params": describe(src)["params"],
         "target_params": target_params, "scratch_final_val": goal, "rows": rows,
         "schedule": f"AdamW lr {sz.lr}, {sz.warmup} warmup steps, cosine to 10%, batch {sz.batch} x {sz.seq} bytes, "
-                    f"{sz.budget} steps, the same for every run",
+                    f"{sz.budget} steps, the same for every run except 'continued schedule' "
+                    f"(lr {sz.source_lr * 0.1:g}, {sz.warmup // 5} warmup steps)",
         "wall_s": time.perf_counter() - started,
     }
     out.write_text(json.dumps(result, indent=2) + "\n")

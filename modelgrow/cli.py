@@ -105,7 +105,7 @@ def _fit_params_read_from_context(fn):
                    ".bin ids (uint16, uint32 past 65,536 ids); repeat for more files. A learned operator refuses to run "
                    "without it unless --fit-steps 0, which writes its exact copy initialisation.")
 @click.option("--fit-steps", type=int, help="Optimiser steps of the fit [default: 100].")
-@click.option("--fit-lr", type=float, help="Peak learning rate: AdamW, linear warmup, cosine to 10% [default: 3e-4].")
+@click.option("--fit-lr", type=float, help="Peak learning rate: AdamW, linear warmup, cosine to 10% [default: 3e-5].")
 @click.option("--fit-warmup", type=int, help="Warmup steps [default: 10% of --fit-steps].")
 @click.option("--fit-weight-decay", type=float, help="AdamW weight decay of the operator's tensors [default: 0].")
 @click.option("--fit-batch-size", type=int, help="Global batch in windows, split across torchrun processes [default: 16].")

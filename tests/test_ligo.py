@@ -3,8 +3,9 @@
 - before any step LiGO materialises the copy operator's ``--noise 0`` output, tensor by
   tensor (GPT-2, Llama with GQA, BERT; integer and padded widths);
 - its symmetry-breaking noise keeps the function exact (verify passes with 0 steps);
-- a 30-step fit on Python source lowers the shipped demo model's loss below the copy
-  solution's, measured by transformers on the written checkpoints;
+- a 30-step fit on Python source lowers the shipped demo model's loss on that text below
+  the copy solution's, measured by transformers on the written checkpoints (held-out
+  text: tests/test_benchmarks.py runs benchmarks/fit_quality.py --quick);
 - a 2-process torchrun (gloo) fit agrees with the 1-process fit on the same global batch;
 - bad data fails before any step, and nothing is written.
 """
@@ -98,7 +99,7 @@ def test_fit_beats_the_copy_solution_on_the_demo(tmp_path):
     report = json.loads(report_path.read_text())
     jsonschema.validate(report, json.loads((REPO / "schemas" / "report.schema.json").read_text()))
     fit = report["fit"]
-    assert len(fit["loss_curve"]) == 30 and fit["lr"] == 3e-4 and fit["warmup"] == 3
+    assert len(fit["loss_curve"]) == 30 and fit["lr"] == 3e-5 and fit["warmup"] == 3
     assert fit["eval"]["after"] < fit["eval"]["before"] - 0.01, fit["eval"]
     assert 0 < fit["drift"]["relative"] < 0.5 and fit["peak_memory"]["bytes"] > 0
     assert report["promise"]["fitted"] and not report["promise"]["exact"]
