@@ -154,6 +154,7 @@ class Layout:
     inputs: dict[str, str] = field(default_factory=lambda: {"kind": "tokens"})
     config_also: dict[str, tuple[str, ...]] = field(default_factory=dict)  # role -> keys that copy its size
     config_per_layer: tuple[str, ...] = ()  # config lists with one entry per layer
+    layer_index_keys: tuple[str, ...] = ()  # config flags that make a block depend on its index
 
     # -- loading -----------------------------------------------------------------
 
@@ -207,6 +208,7 @@ class Layout:
             inputs=dict(data.get("inputs", {"kind": "tokens"})),
             config_also={role: tuple(keys) for role, keys in data.get("config_also", {}).items()},
             config_per_layer=tuple(data.get("config_per_layer", [])),
+            layer_index_keys=tuple(data.get("layer_index_keys", [])),
         )
         layout._check_consistency()
         return layout

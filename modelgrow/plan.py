@@ -212,6 +212,11 @@ def make_plan(source: SourceModel, spec: GrowthSpec) -> Plan:
         elif layout.norm_placement == "post":
             promise.depth = False
             promise.notes.append("post-LN model: an inserted block still applies its LayerNorms, so depth growth is not exact")
+    moved = any(src != index for index, (src, inserted) in enumerate(depth_map) if not inserted)
+    flags = [key for key in layout.layer_index_keys if config_has(source.config, key) and config_get(source.config, key)]
+    if moved and flags and promise.depth:
+        promise.depth = False
+        promise.notes.append(f"{', '.join(flags)} is set: blocks depend on their index, and depth growth moves them, so it is not exact")
 
     plan = Plan(source, spec, old, new, depth_map, {}, [], promise)
     plan.config = _target_config(plan)

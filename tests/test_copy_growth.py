@@ -22,6 +22,8 @@ MAKERS = {
     "gpt2": lambda d, **kw: tiny.gpt2(d, **kw),
     "gpt2-untied": lambda d, **kw: tiny.gpt2(d, tie=False, **kw),
     "gpt2-base": lambda d, **kw: tiny.gpt2(d, head=False, **kw),
+    # Attention scaled by 1/(layer index + 1): a block's function depends on where it sits.
+    "gpt2-index-scaled": lambda d, **kw: tiny.gpt2(d, scale_attn_by_inverse_layer_idx=True, **kw),
     "llama-gqa": lambda d, **kw: tiny.llama(d, **kw),
     "llama-tied": lambda d, **kw: tiny.llama(d, tie=True, **kw),
     "llama-bias": lambda d, **kw: tiny.llama(d, bias=True, kv_heads=4, **kw),
@@ -64,6 +66,7 @@ EXACT_CASES = [
     ("gpt2", GrowthSpec(width="1.5x", depth="3")),  # LEMON padding
     ("gpt2-untied", GrowthSpec(width="2x", depth="2x")),
     ("gpt2-base", GrowthSpec(width="2x", depth="2x")),
+    ("gpt2-index-scaled", GrowthSpec(width="2x")),  # no block moves: still exact
     ("llama-gqa", GrowthSpec(width="2x", depth="2x")),
     ("llama-gqa", GrowthSpec(width="1.5x", depth="5")),
     ("llama-tied", GrowthSpec(width="2x", depth="2x")),
@@ -98,6 +101,7 @@ def test_growth_really_changes_sizes(tmp_path):
         ("llama-gqa", GrowthSpec(depth="2x", depth_mode="interleave"), "interleave"),
         ("bert-mlm", GrowthSpec(width="2x", depth="2x"), "post-LN"),
         ("llama-gqa", GrowthSpec(width="2x", heads="16", kv_heads="4"), "query groups"),
+        ("gpt2-index-scaled", GrowthSpec(depth="2x"), "scale_attn_by_inverse_layer_idx"),
     ],
 )
 def test_inexact_growth_says_so(tmp_path, maker, spec, why):
