@@ -88,8 +88,11 @@ def stdlib_corpus(folder: Path, limit: int) -> tuple[Path, Path]:
         (val_text if held else train_text).append(text)
         sizes[held] += len(text)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "train.txt").write_text("\n".join(train_text), encoding="utf-8")
-    (folder / "val.txt").write_text("\n".join(val_text), encoding="utf-8")
+    for name, texts in (("train.txt", train_text), ("val.txt", val_text)):
+        # Written aside and renamed: parallel --only runs on one workdir may be reading it.
+        staged = folder / f".{name}.{os.getpid()}"
+        staged.write_text("\n".join(texts), encoding="utf-8")
+        os.replace(staged, folder / name)
     return folder / "train.txt", folder / "val.txt"
 
 
