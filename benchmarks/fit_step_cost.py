@@ -68,8 +68,8 @@ def plain_steps(plan, device, args) -> list[float]:
 
 
 def fit_steps(plan, data: Path, device, args) -> tuple[list[float], dict]:
-    options = {"noise": 0.01, **({"rank": args.rank} if args.operator == "mango" else {})}
-    op = plugins.get_operator(args.operator)(plan, **options)
+    op_options = {"noise": 0.01, **({"rank": args.rank} if args.operator == "mango" else {})}
+    op = plugins.get_operator(args.operator)(plan, **op_options)
     options = FitOptions(data=[str(data)], steps=args.warmup + args.steps, batch_size=args.batch, seq_len=args.seq,
                          eval_batches=0, device=str(device))
     report = op.prepare_fit(options).run(progress=False)
