@@ -147,8 +147,9 @@ class FittedPromise(Promise):
 
 
 class LearnedOperator(Operator):
-    """Base of operators with trainable tensors. Subclasses implement ``parameters``,
-    ``compute`` (one target tensor, differentiable, on the operator's device) and ``to``.
+    """Base of operators with trainable tensors. Subclasses fill ``self.params`` (name ->
+    trainable tensor) and implement ``compute`` (one target tensor, differentiable, on
+    the operator's device); ``self._src`` caches the source tensors they read.
     """
 
     learned = True
@@ -157,15 +158,27 @@ class LearnedOperator(Operator):
         super().__init__(plan, **options)
         self.device = torch.device("cpu")
         self.fitted_steps = 0
+        self.params: dict[str, torch.Tensor] = {}
+        self._src: dict[str, torch.Tensor] | None = None
 
     def parameters(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        return self.params
 
     def compute(self, target) -> torch.Tensor:
         raise NotImplementedError
 
     def to(self, device: torch.device) -> None:
-        raise NotImplementedError
+        device = torch.device(device)
+        self.params = {k: v.detach().to(device).requires_grad_(True) for k, v in self.params.items()}
+        if self._src is not None:
+            self._src = {k: v.to(device) for k, v in self._src.items()}
+        self.device = device
+
+    def stacked_source(self, specs) -> dict[str, torch.Tensor]:
+        """The small model's tensors of ``specs`` in fp32: per-layer ones stacked [layers, ...]."""
+        src, layers = self.source, self.plan.old.layers
+        return {spec.name: torch.stack([src.get(spec, j).to(torch.float32) for j in range(layers)]) if spec.per_layer
+                else src.get(spec, None).to(torch.float32) for spec in specs}
 
     def param_group(self, name: str) -> str:
         """Which group a parameter's drift is reported under."""

@@ -89,9 +89,7 @@ class LiGOOperator(LearnedOperator):
         super().__init__(plan, **options)
         self.noise, self.noise_mode = read_noise(options)
         self.maps, self.head_norms = copy_maps(plan)
-        self.params: dict[str, torch.Tensor] = {}
         self._row_maps: dict[str, AxisMap] = {}  # which source unit each matrix row copies
-        self._src: dict[str, torch.Tensor] | None = None
         self._recipes = {t.name: self._recipe(t) for t in plan.targets}
         self._add_noise()
         for t in self.params.values():
@@ -167,29 +165,13 @@ class LiGOOperator(LearnedOperator):
 
     # -- LearnedOperator -----------------------------------------------------------
 
-    def parameters(self) -> dict[str, torch.Tensor]:
-        return self.params
-
     def param_group(self, name: str) -> str:
         return "depth" if name.startswith("depth.") else ".".join(name.split(".")[:2])
-
-    def to(self, device) -> None:
-        device = torch.device(device)
-        self.params = {k: v.detach().to(device).requires_grad_(True) for k, v in self.params.items()}
-        if self._src is not None:
-            self._src = {k: v.to(device) for k, v in self._src.items()}
-        self.device = device
 
     def _source_tensors(self) -> dict[str, torch.Tensor]:
         """The small model in memory (fp32): per-layer tensors stacked [layers, ...]."""
         if self._src is None:
-            src, out = self.source, {}
-            for spec in src.specs():
-                if spec.per_layer:
-                    out[spec.name] = torch.stack([src.get(spec, j).to(torch.float32) for j in range(self.plan.old.layers)])
-                else:
-                    out[spec.name] = src.get(spec, None).to(torch.float32)
-            self._src = {k: v.to(self.device) for k, v in out.items()}
+            self._src = {k: v.to(self.device) for k, v in self.stacked_source(self.source.specs()).items()}
         return self._src
 
     def compute(self, target: TargetTensor) -> torch.Tensor:

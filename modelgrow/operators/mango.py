@@ -376,10 +376,8 @@ class MangoOperator(LearnedOperator):
         super().__init__(plan, **options)
         self._read_options(options)
         self.maps, self.head_norms = copy_maps(plan)
-        self.params: dict[str, torch.Tensor] = {}
         self.buffers: dict[str, torch.Tensor] = {}
         self.notes: list[str] = []
-        self._src: dict[str, torch.Tensor] | None = None
         self._cache: tuple | None = None
 
         self._classify()
@@ -696,9 +694,6 @@ class MangoOperator(LearnedOperator):
 
     # -- LearnedOperator ---------------------------------------------------------------
 
-    def parameters(self) -> dict[str, torch.Tensor]:
-        return self.params
-
     def param_group(self, name: str) -> str:
         return name if name.startswith("ring.") else name.split(".")[0]
 
@@ -706,13 +701,9 @@ class MangoOperator(LearnedOperator):
         return float(self.lr_scales.get(self.param_group(name), 1.0))
 
     def to(self, device) -> None:
-        device = torch.device(device)
-        self.params = {k: v.detach().to(device).requires_grad_(True) for k, v in self.params.items()}
-        self.buffers = {k: v.to(device) for k, v in self.buffers.items()}
-        if self._src is not None:
-            self._src = {k: v.to(device) for k, v in self._src.items()}
+        super().to(device)
+        self.buffers = {k: v.to(self.device) for k, v in self.buffers.items()}
         self._cache = None
-        self.device = device
 
     # -- the source side ---------------------------------------------------------------
 
@@ -738,11 +729,7 @@ class MangoOperator(LearnedOperator):
                             pieces = _to_pieces(seg, blk.no1, self.units["O"][0])  # [no1, U]
                             m1[blk.slot_old + torch.arange(blk.no1) * blk.ni1, hom, :, layer] = pieces
             out["M"] = m1
-            for spec in self.outside:
-                if spec.per_layer:
-                    out[spec.name] = torch.stack([src.get(spec, j).to(torch.float32) for j in range(plan.old.layers)])
-                else:
-                    out[spec.name] = src.get(spec, None).to(torch.float32)
+            out.update(self.stacked_source(self.outside))
             self._src = {k: v.to(self.device) for k, v in out.items()}
         return self._src
 
