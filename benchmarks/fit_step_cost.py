@@ -29,7 +29,7 @@ import torch
 import transformers
 
 from modelgrow import plugins
-from modelgrow.fit import FitOptions, resolve_device
+from modelgrow.fit import FitOptions, prepare_fit, resolve_device
 from modelgrow.plan import GrowthSpec, make_plan
 from modelgrow.source import open_source
 
@@ -72,7 +72,7 @@ def fit_steps(plan, data: Path, device, args) -> tuple[list[float], dict]:
     op = plugins.get_operator(args.operator)(plan, **op_options)
     options = FitOptions(data=[str(data)], steps=args.warmup + args.steps, batch_size=args.batch, seq_len=args.seq,
                          eval_batches=0, device=str(device))
-    report = op.prepare_fit(options).run(progress=False)
+    report = prepare_fit(op, options).run(progress=False)
     return report["step_times"][args.warmup:], report
 
 

@@ -1,18 +1,29 @@
-"""Architectures: a layout (what the tensors are) plus how to run the model (a module
-factory, example inputs, the primary output). Growth needs only the layout; verify, fit
-and export also need the module factory.
+"""Architectures: a layout (what the tensors are) plus the runtime contract (how to run
+the model). Growth needs only the layout; verify, fit, train and export go through the
+contract below and nothing else, so a plugin that implements ``build_module`` runs
+through every command. The Hugging Face specifics live in ``architectures/hf.py``.
+
+The contract, each method with a default a plugin may override:
+
+- ``build_module(config)``: a torch module in fp32 (required to run anything);
+- ``load_weights(module, tensors, source)``: tensors named as in the checkpoint;
+- ``example_inputs(config, batch, seq, generator)``: random inputs (tokens or images);
+- ``model_inputs(config, batch)``: the keyword arguments a loss step passes;
+- ``call(module, config, inputs)``: run the module, return its primary output tensor;
+- ``prepare_for_training(module, config)``: switch off what a training step does not
+  want (a KV cache, say);
+- ``tied_parameters(config)``: which stored tensors share a parameter (from the layout).
 """
 
 from __future__ import annotations
 
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import InputError, LayoutError
-from .layout import Layout, _template_regex, config_get
+from .layout import Layout, config_get
 
 
 class Architecture:
@@ -64,10 +75,32 @@ class Architecture:
             return f"'architectures' must be a list of class names, got {names!r}"
         return None
 
-    # -- running the model (verify, fit, export) --------------------------------------
+    def task(self, config: dict) -> str | None:
+        """causal_lm, masked_lm, image_classification, encoder, ... (the layout's class)."""
+        return self.class_info(config).get("task")
+
+    def tied_parameters(self, config: dict) -> dict[str, str]:
+        """Stored name of a tied tensor -> the tensor it shares storage with."""
+        if not self.has_tied_head(config):
+            return {}
+        return {self.layout.tie["head"]: self.layout.tie["embedding"]}
+
+    # -- the runtime contract (verify, fit, train, export) -----------------------------
 
     def build_module(self, config: dict) -> torch.nn.Module:
-        raise NotImplementedError(f"architecture {self.name} has no module factory; verify/fit/export need one")
+        raise NotImplementedError(f"architecture {self.name} has no module factory; verify/fit/train/export need one")
+
+    def model_inputs(self, config: dict, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The inputs a loss step gives the module, picked from a training batch."""
+        return {"input_ids": batch["input_ids"]}
+
+    def call(self, module: torch.nn.Module, config: dict, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Run ``module`` on ``inputs`` and return its primary output (logits, hidden states)."""
+        return self.primary_output(config, module(**inputs))
+
+    def prepare_for_training(self, module: torch.nn.Module, config: dict) -> torch.nn.Module:
+        """The module as a training step runs it; as it is by default."""
+        return module
 
     def load_weights(self, module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
         """Load tensors named as in the checkpoint; every module weight must be covered."""
@@ -84,7 +117,8 @@ class Architecture:
                 if is_optional(name):
                     continue
                 raise InputError(f"tensor {name!r} has no place in a {type(module).__name__}", path=source)
-        missing = [k for k in expected if k not in mapped and not _is_tied(module, k) and not is_optional(k)]
+        tied = self._tied_keys(module, loaded=set(mapped))
+        missing = [k for k in expected if k not in mapped and k not in tied and not is_optional(k)]
         if missing:
             raise InputError(f"{len(missing)} weights missing for {type(module).__name__}, e.g. {missing[0]!r}", path=source)
         module.load_state_dict(mapped, strict=False)
@@ -116,97 +150,24 @@ class Architecture:
             return outputs[key] if isinstance(outputs, dict) else getattr(outputs, key)
         return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
 
+    def _tied_keys(self, module: torch.nn.Module, loaded: set[str]) -> set[str]:
+        """Module keys that alias a loaded parameter (a tied head shares the embedding's)."""
+        loaded = {id(p) for k, p in module.named_parameters(remove_duplicate=False) if k in loaded}
+        return {k for k, p in module.named_parameters(remove_duplicate=False) if id(p) in loaded}
 
-def _is_tied(module: torch.nn.Module, key: str) -> bool:
-    tied = getattr(module, "_tied_weights_keys", None) or {}
-    return key in tied
 
+class PrimaryOutput(torch.nn.Module):
+    """A module called the way its architecture calls it, with one tensor out.
 
-def _hf_module_names(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Checkpoint names -> the module's parameter names, by transformers' conversion mapping.
-
-    Only one-to-one renamings are applied; names the module already uses pass through.
-    transformers versions without conversion mappings need none.
+    Positional inputs are matched to ``input_names`` (what an ONNX graph needs); keyword
+    inputs pass as they are. ``torch.func.functional_call`` on this wrapper reaches the
+    wrapped module's parameters as ``model.<name>``.
     """
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-    except ImportError:
-        return tensors
-    expected = module.state_dict()
-    if all(name in expected for name in tensors):
-        return tensors
-    transforms = get_model_conversion_mapping(module)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    out = {}
-    for name, tensor in tensors.items():
-        new = name
-        if name not in expected:
-            renamed, converter = rename_source_key(name, renamings, converters, module.base_model_prefix, expected)
-            if converter is None:  # a many-to-one conversion is left for load_weights to refuse
-                new = renamed
-        out[new] = tensor
-    return out
 
+    def __init__(self, arch: Architecture, config: dict, module: torch.nn.Module, input_names=()):
+        super().__init__()
+        self.model = module
+        self.arch, self.config, self.input_names = arch, config, list(input_names)
 
-class HFArchitecture(Architecture):
-    """An architecture run by Hugging Face transformers (the reference implementation)."""
-
-    def hf_config(self, config: dict):
-        import transformers
-
-        cfg = dict(config)
-        model_type = cfg.pop("model_type", None) or self.layout.model_types[0]
-        return transformers.AutoConfig.for_model(model_type, **cfg)
-
-    def config_problem(self, config: dict) -> str | None:
-        problem = super().config_problem(config)
-        if problem:
-            return problem
-        from transformers import CONFIG_MAPPING
-
-        model_type = config.get("model_type") or self.layout.model_types[0]
-        if model_type not in CONFIG_MAPPING:
-            # A model type transformers does not know: growth needs only the layout;
-            # building the module (verify, fit, export) will say what is missing.
-            return None
-        try:
-            self.hf_config(config)
-        except Exception as exc:  # noqa: BLE001 - transformers' validators raise many types
-            return f"transformers refuses the config: {exc}"
-        return None
-
-    def build_module(self, config: dict) -> torch.nn.Module:
-        import transformers
-
-        hf_config = self.hf_config(config)
-        hf_config._attn_implementation = "eager"  # the plainest path: the reference maths
-        cls = getattr(transformers, self.class_name(config))
-        with torch.device("cpu"):
-            module = cls(hf_config)
-        return module.float().eval()
-
-    def optional_in_module(self, key: str) -> bool:
-        # Optional tensors exist or not by how a model was built (ViTModel's pooler and
-        # mask token are constructor flags no config records): the module may have one the
-        # checkpoint lacks, or lack one the checkpoint has. Neither feeds the primary output.
-        prefix = self.layout.base_prefix
-        return any(p.match(c) for p in self._optional_patterns for c in (key, prefix + key))
-
-    @cached_property
-    def _optional_patterns(self) -> list:
-        return [_template_regex(t.name) for t in self.layout.tensors if t.optional]
-
-    def load_weights(self, module, tensors, source):
-        # transformers 5 renames some modules in memory but still saves (and hub files
-        # hold) the original names, e.g. ViT's "encoder.layer.0.attention.attention.query"
-        # is "layers.0.attention.q_proj" in the module: translate with its own mapping.
-        return super().load_weights(module, _hf_module_names(module, tensors), source)
-
-    def example_inputs(self, config, batch, seq, generator):
-        inputs = super().example_inputs(config, batch, seq, generator)
-        types = config.get("type_vocab_size")
-        if types and "input_ids" in inputs:
-            inputs["token_type_ids"] = torch.randint(0, types, (batch, seq), generator=generator)
-        return inputs
+    def forward(self, *inputs: torch.Tensor, **named: torch.Tensor) -> torch.Tensor:
+        return self.arch.call(self.model, self.config, {**dict(zip(self.input_names, inputs)), **named})

@@ -25,10 +25,10 @@ def demo_checkpoint() -> Path:
 
 
 @torch.no_grad()
-def greedy(module: torch.nn.Module, ids: list[int], steps: int) -> list[int]:
+def greedy(source, module: torch.nn.Module, ids: list[int], steps: int) -> list[int]:
     out = list(ids)
     for _ in range(steps):
-        logits = module(input_ids=torch.tensor([out])).logits
+        logits = source.arch.call(module, source.config, {"input_ids": torch.tensor([out])})
         out.append(int(logits[0, -1].argmax()))
     return out[len(ids):]
 
@@ -49,7 +49,7 @@ def run_demo(output: str | Path | None, *, overwrite: bool = False, echo: Callab
         ids = tok.encode(PROMPT).ids
         with open_source(src) as small_src, open_source(dest) as big_src:
             small, big = load_module(small_src), load_module(big_src)
-            a, b = greedy(small, ids, 32), greedy(big, ids, 32)
+            a, b = greedy(small_src, small, ids, 32), greedy(big_src, big, ids, 32)
         echo(f"prompt: {PROMPT!r}")
         echo(f"small model continues: {tok.decode(a)!r}")
         echo(f"grown model continues: {tok.decode(b)!r}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import io
 import logging
 import os
@@ -36,6 +35,7 @@ import torch
 from . import __version__
 # The checkpoint writer's staging conventions, so a crashed export is cleaned up alike.
 from .checkpoint.writer import TMP_MARKER, _output_error, _remove_stale_temp_folders, _unique_sibling
+from .architecture import PrimaryOutput
 from .errors import ModelgrowError, OutputError, UsageError, VerificationError
 from .source import SourceModel, load_module, open_source
 
@@ -64,25 +64,6 @@ DEFAULT_ATOL = 1e-4
 # a few runs is what two runs of the check agree on.
 LATENCY_RUNS = 5
 LATENCY_BUDGET_S = 0.5  # per runtime; a big model gets fewer runs, not a long wait
-
-
-class PrimaryOutput(torch.nn.Module):
-    """The HF module with positional inputs and one tensor out: what the graph exports."""
-
-    def __init__(self, model: torch.nn.Module, source: SourceModel, input_names: list[str]):
-        super().__init__()
-        self.model = model
-        self.input_names = list(input_names)
-        self.pick = lambda outputs: source.arch.primary_output(source.config, outputs)
-        params = inspect.signature(model.forward).parameters
-        # A KV cache would become extra graph outputs; encoders have no such option.
-        self.options = {"return_dict": True}
-        if "use_cache" in params:
-            self.options["use_cache"] = False
-
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        outputs = self.model(**dict(zip(self.input_names, inputs)), **self.options)
-        return self.pick(outputs)
 
 
 def require_onnx():
@@ -156,7 +137,7 @@ def export_onnx(
         module = _load(source)
         example = source.arch.example_inputs(source.config, *_fit(EXAMPLE_SHAPE, source), torch.Generator().manual_seed(0))
         names, output_name = list(example), source.arch.class_info(source.config)["output"]
-        wrapper = PrimaryOutput(module, source, names).eval()
+        wrapper = PrimaryOutput(source.arch, source.config, module, names).eval()
 
         axes = _dynamic_axes(source, example)
         t0 = time.perf_counter()
@@ -197,7 +178,7 @@ def export_onnx(
             t1 = time.perf_counter()
             if check:
                 session = _session(ort, staged)
-                ref = wrapper if reference is None else PrimaryOutput(reference, source, names).eval()
+                ref = wrapper if reference is None else PrimaryOutput(source.arch, source.config, reference, names).eval()
                 with _torch_threads(1):
                     report["parity"] = check_parity(session, ref, source, names, output_name)
                     report["latency"] = measure_latency(session, wrapper, source)

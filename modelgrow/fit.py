@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import math
 import os
 import sys
@@ -39,9 +38,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import corpus
+from .architecture import PrimaryOutput
 from .errors import UsageError
-from .operators.base import Operator
-from .plan import Promise
+from .operators.learned import LearnedOperator
 from .runtime import (
     lm_task, window_length,
     LM_TASKS, Dist, LMObjective, autocast, grad_norm, is_writer, load_data, mask_token_id, mean_loss,
@@ -129,90 +128,6 @@ class FitOptions:
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# -- learned operators ---------------------------------------------------------------
-
-
-@dataclass
-class FittedPromise(Promise):
-    """A learned operator's promise: exact only while it sits at its exact initialisation."""
-
-    fitted: bool = False
-
-    @property
-    def exact(self) -> bool:
-        return super().exact and not self.fitted
-
-    def as_dict(self) -> dict:
-        return {**super().as_dict(), "fitted": self.fitted}
-
-
-class LearnedOperator(Operator):
-    """Base of operators with trainable tensors. Subclasses fill ``self.params`` (name ->
-    trainable tensor) and implement ``compute`` (one target tensor, differentiable, on
-    the operator's device); ``self._src`` caches the source tensors they read.
-    """
-
-    learned = True
-
-    def __init__(self, plan, **options):
-        super().__init__(plan, **options)
-        self.device = torch.device("cpu")
-        self.fitted_steps = 0
-        self.params: dict[str, torch.Tensor] = {}
-        self._src: dict[str, torch.Tensor] | None = None
-
-    def parameters(self) -> dict[str, torch.Tensor]:
-        return self.params
-
-    def compute(self, target) -> torch.Tensor:
-        raise NotImplementedError
-
-    def to(self, device: torch.device) -> None:
-        device = torch.device(device)
-        self.params = {k: v.detach().to(device).requires_grad_(True) for k, v in self.params.items()}
-        if self._src is not None:
-            self._src = {k: v.to(device) for k, v in self._src.items()}
-        self.device = device
-
-    def stacked_source(self, specs) -> dict[str, torch.Tensor]:
-        """The small model's tensors of ``specs`` in fp32: per-layer ones stacked [layers, ...]."""
-        src, layers = self.source, self.plan.old.layers
-        return {spec.name: torch.stack([src.get(spec, j).to(torch.float32) for j in range(layers)]) if spec.per_layer
-                else src.get(spec, None).to(torch.float32) for spec in specs}
-
-    def param_group(self, name: str) -> str:
-        """Which group a parameter's drift is reported under."""
-        return name.split(".")[0]
-
-    def lr_scale(self, name: str) -> float:
-        """A parameter's learning rate as a multiple of --fit-lr (1 unless overridden)."""
-        return 1.0
-
-    def materialise(self) -> dict[str, torch.Tensor]:
-        """Every target tensor, keyed by its checkpoint name (differentiable)."""
-        return {t.name: self.compute(t) for t in self.plan.targets}
-
-    def tensor(self, target) -> torch.Tensor:
-        with torch.no_grad():
-            return self.compute(target).detach().to("cpu", torch.float32)
-
-    def promise(self) -> Promise:
-        p = super().promise()
-        fields = {f.name: getattr(p, f.name) for f in dataclasses.fields(Promise)}
-        fields["notes"] = list(p.notes)
-        if self.fitted_steps:
-            fields["notes"].append(f"{self.name} fitted for {self.fitted_steps} steps: moved away from its exact initialisation by design")
-        return FittedPromise(**fields, fitted=bool(self.fitted_steps))
-
-    def prepare_fit(self, options: dict[str, Any] | FitOptions | None) -> Fit:
-        """Check options and load the data now, before any output exists."""
-        opts = options if isinstance(options, FitOptions) else FitOptions.from_dict(options)
-        return Fit(self, opts)
-
-    def fit(self, options: dict[str, Any] | FitOptions | None = None, progress: bool = True) -> dict:
-        return self.prepare_fit(options).run(progress)
-
-
 # -- the target module without weights --------------------------------------------------
 
 
@@ -242,10 +157,8 @@ def build_target_module(arch, config: dict, device: torch.device) -> nn.Module:
         for name, buf in list(sub._buffers.items()):
             if buf is not None and buf.device != device:
                 sub._buffers[name] = buf.to(device)
-    cfg = getattr(module, "config", None)
-    if cfg is not None and hasattr(cfg, "use_cache"):
-        cfg.use_cache = False  # a KV cache is dead weight in a training step
-    return module.eval()  # no dropout: 100 deterministic steps, identical on every rank
+    # No dropout: 100 deterministic steps, identical on every rank.
+    return arch.prepare_for_training(module, config).eval()
 
 
 def module_names(module: nn.Module, names: list[str], prefix: str) -> dict[str, str]:
@@ -266,6 +179,17 @@ def module_names(module: nn.Module, names: list[str], prefix: str) -> dict[str, 
 
 
 # -- the pass ---------------------------------------------------------------------------
+
+
+def prepare_fit(op, options: dict[str, Any] | FitOptions | None) -> Fit:
+    """Check the options and load the data now, before any output exists."""
+    if not isinstance(op, LearnedOperator):
+        raise UsageError(
+            f"operator {op.name!r} says it is learned but has no trainable tensors to fit",
+            hint="a learned operator subclasses modelgrow.operators.learned.LearnedOperator",
+        )
+    opts = options if isinstance(options, FitOptions) else FitOptions.from_dict(options)
+    return Fit(op, opts)
 
 
 class Fit:
@@ -298,16 +222,17 @@ class Fit:
 
     # -- loss -----------------------------------------------------------------------
 
-    def _logits(self, module, weights, ids):
-        out = torch.func.functional_call(module, weights, (), {"input_ids": ids}, tie_weights=True, strict=False)
-        return self.arch.primary_output(self.plan.config, out)
+    def _logits(self, runner, weights, batch):
+        inputs = self.arch.model_inputs(self.plan.config, batch)
+        return torch.func.functional_call(runner, weights, (), inputs, tie_weights=True, strict=False)
 
-    def _loss_sum(self, module, weights, batch, teacher) -> torch.Tensor:
-        logits = self._logits(module, weights, batch["input_ids"]).float()
+    def _loss_sum(self, runner, weights, batch, teacher) -> torch.Tensor:
+        logits = self._logits(runner, weights, batch).float()
         if self.options.objective == "distill":
             vocab = logits.shape[-1]
             with torch.no_grad():
-                ref = self.arch.primary_output(self.source.config, teacher(input_ids=batch["input_ids"])).float()
+                config = self.source.config
+                ref = self.arch.call(teacher, config, self.arch.model_inputs(config, batch)).float()
             return F.kl_div(F.log_softmax(logits, -1).view(-1, vocab), F.log_softmax(ref, -1).view(-1, vocab),
                             log_target=True, reduction="sum")
         return self.objective.loss_sum(logits, batch)
@@ -343,6 +268,7 @@ class Fit:
         op.to(device)
         module = build_target_module(self.arch, self.plan.config, device)
         names = module_names(module, [t.name for t in self.plan.targets], self.source.layout.base_prefix)
+        runner = PrimaryOutput(self.arch, self.plan.config, module)  # its parameters: "model.<name>"
         teacher = None
         if o.objective == "distill":
             from .source import load_module
@@ -361,7 +287,7 @@ class Fit:
         def weights() -> dict:
             # Materialised under autocast (bf16 matmuls on CUDA), handed over in fp32 so the
             # embeddings, norms and residual stream stay fp32 as in ordinary mixed precision.
-            return {names[k]: v.float() for k, v in op.materialise().items()}
+            return {f"model.{names[k]}": v.float() for k, v in op.materialise().items()}
 
         # Separate seeded streams: the training windows, the eval windows, the MLM masks.
         train = corpus.WindowSampler(self.data, self.seq_len, o.seed)
@@ -376,7 +302,7 @@ class Fit:
                 return None
             with autocast(device):
                 w = weights()
-                return mean_loss(self.dist, device, eval_set, lambda local: self._loss_sum(module, w, local, teacher))
+                return mean_loss(self.dist, device, eval_set, lambda local: self._loss_sum(runner, w, local, teacher))
 
         settings = self.settings()
         if show:
@@ -391,7 +317,7 @@ class Fit:
             batch = self.objective.batch(train.windows(o.batch_size), mask_gen)
             local = self.dist.local(batch, device)
             with autocast(device):
-                loss = self._loss_sum(module, weights(), local, teacher) / batch["count"]
+                loss = self._loss_sum(runner, weights(), local, teacher) / batch["count"]
             loss.backward()
             sync_grads(self.dist, tensors)
             norm = torch.nn.utils.clip_grad_norm_(tensors, o.grad_clip) if o.grad_clip > 0 else grad_norm(tensors)
@@ -451,13 +377,7 @@ def _drift(op: LearnedOperator, params: dict, start: dict) -> dict:
     return {"groups": out, "relative": math.sqrt(total_d / total_s) if total_s else 0.0, "max_abs": biggest}
 
 
-def operator_seed(seed: int, name: str) -> torch.Generator:
-    """A generator seeded by (seed, tensor name): results never depend on build order."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
-
 # is_writer, resolve_device and world_size moved to modelgrow.runtime; still importable
 # from here for existing callers.
-__all__ = ["FitOptions", "Fit", "LearnedOperator", "FittedPromise", "is_writer", "resolve_device", "world_size",
-           "build_target_module", "parameters_on_meta", "operator_seed", "OBJECTIVES", "LM_TASKS"]
+__all__ = ["FitOptions", "Fit", "prepare_fit", "is_writer", "resolve_device", "world_size",
+           "build_target_module", "parameters_on_meta", "OBJECTIVES", "LM_TASKS"]

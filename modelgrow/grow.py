@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from . import __version__, plugins
 from .checkpoint import CheckpointWriter, parse_size
 from .errors import InputError, ModelgrowError, OutputError, UsageError, VerificationError
-from .fit import is_writer
+from .fit import is_writer, prepare_fit
 from .plan import GrowthSpec, Plan, make_plan
 from .report import write_report
 from .source import SourceModel, open_source
@@ -108,7 +108,7 @@ def convert(
         # Fit options and data are checked now, before any output exists.
         if fit_options and not op.learned:
             raise UsageError(f"fit options are for learned operators, and {op.name!r} is not one", hint="e.g. --operator ligo")
-        fitting = op.prepare_fit(fit_options) if op.learned else None
+        fitting = prepare_fit(op, fit_options) if op.learned else None
         if fitting is not None and not is_writer():
             report["fit"] = fitting.run(progress=False)  # a data-parallel helper rank: rank 0 writes
             return report

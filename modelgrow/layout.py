@@ -305,10 +305,10 @@ class Layout:
         return bool(self.config_has) and all(config_has(config, k) for k in self.config_has)
 
     def ignore_patterns(self) -> list[re.Pattern]:
-        return [_template_regex(p) for p in self.ignore]
+        return [template_regex(p) for p in self.ignore]
 
 
-def _template_regex(template: str) -> re.Pattern:
+def template_regex(template: str) -> re.Pattern:
     return re.compile("^" + re.escape(template).replace(re.escape(LAYER), r"\d+") + "$")
 
 

@@ -369,10 +369,7 @@ class Trainer:
 
     def _run(self, device: torch.device, writer, show: bool, started: float) -> dict:
         o, dist = self.options, self.dist
-        module = load_module(self.source).to(device)
-        cfg = getattr(module, "config", None)
-        if cfg is not None and hasattr(cfg, "use_cache"):
-            cfg.use_cache = False  # a KV cache is dead weight in a training step
+        module = self.arch.prepare_for_training(load_module(self.source).to(device), self.config)
         weights = train_state.WeightMap(self.source, module)
         total_params = sum(p.numel() for _, p in weights.named)
         adapters = add_adapters(module, self.source.layout, o.rank, o.alpha, o.adapter_dropout,
@@ -396,7 +393,7 @@ class Trainer:
         trainable_params = sum(p.numel() for p in trainable)
 
         def logits(batch):
-            return self.arch.primary_output(self.config, module(input_ids=batch["input_ids"]))
+            return self.arch.call(module, self.config, self.arch.model_inputs(self.config, batch))
 
         @torch.no_grad()
         def evaluate(done: int) -> None:

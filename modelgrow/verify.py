@@ -43,10 +43,10 @@ def compare(source: SourceModel, grown: SourceModel, *, batch: int = 2, seq: int
     gen = torch.Generator().manual_seed(seed)
     inputs = source.arch.example_inputs(source.config, batch, seq, gen)
     small = load_module(source)
-    ref = source.arch.primary_output(source.config, small(**inputs))
+    ref = source.arch.call(small, source.config, inputs)
     del small
     big = load_module(grown)
-    out = grown.arch.primary_output(grown.config, big(**inputs))
+    out = grown.arch.call(big, grown.config, inputs)
     del big
     kind = source.arch.class_info(source.config)["output"]
     if kind == "last_hidden_state":

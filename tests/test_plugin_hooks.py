@@ -23,7 +23,7 @@ import pytest
 from click.testing import CliRunner
 
 from modelgrow import hookspecs, plugins
-from modelgrow.architecture import HFArchitecture
+from modelgrow.architectures.hf import HFArchitecture
 from modelgrow.cli import main
 from modelgrow.errors import LayoutError
 from modelgrow.hookspecs import hookimpl

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from ..architecture import HFArchitecture
+from .hf import HFArchitecture
 from ..hookspecs import hookimpl
 from ..layout import Layout, builtin_layout_paths
 

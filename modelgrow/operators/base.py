@@ -4,12 +4,12 @@ names: they see a plan (dims, depth map, promise) and produce one target tensor 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Any, ClassVar
 
 import torch
 
+from .. import seeding
 from ..errors import UsageError
 from ..maps import RoleMaps
 from ..plan import Plan, Promise, TargetTensor
@@ -44,8 +44,7 @@ class Operator:
 
     def generator(self, target: TargetTensor) -> torch.Generator:
         """A generator seeded by (seed, tensor name): results never depend on order."""
-        digest = hashlib.sha256(f"{self.seed}:{target.name}".encode()).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        return seeding.generator(self.seed, target.name)
 
     def describe_options(self) -> dict[str, Any]:
         return {"seed": self.seed}

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..fit import LearnedOperator, operator_seed
+from .learned import LearnedOperator, operator_seed
 from ..hookspecs import hookimpl
 from ..maps import AxisMap, circular
 from ..plan import TargetTensor

@@ -118,7 +118,7 @@ import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..errors import UsageError
-from ..fit import LearnedOperator, operator_seed
+from .learned import LearnedOperator, operator_seed
 from ..hookspecs import hookimpl
 from ..layout import GROWABLE_ROLES, TensorSpec
 from ..maps import AxisMap, circular

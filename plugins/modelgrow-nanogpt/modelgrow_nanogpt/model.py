@@ -68,9 +68,6 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    # The head shares the token embedding; weight loading must not expect it separately.
-    _tied_weights_keys = ["lm_head.weight"]
-
     def __init__(self, *, n_layer: int, n_head: int, n_embd: int, block_size: int, vocab_size: int,
                  bias: bool = True, eps: float = 1e-5):
         super().__init__()

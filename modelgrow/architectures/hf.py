@@ -1,0 +1,124 @@
+"""Architectures run by Hugging Face transformers (the reference implementation).
+
+Everything transformers-specific sits here: config objects, module classes, the
+``return_dict``/``use_cache`` calling convention, the KV cache switched off for
+training, and transformers 5's in-memory renaming of some modules.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import cached_property
+
+import torch
+
+from ..architecture import Architecture
+from ..layout import template_regex
+
+
+def _hf_module_names(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint names -> the module's parameter names, by transformers' conversion mapping.
+
+    Only one-to-one renamings are applied; names the module already uses pass through.
+    transformers versions without conversion mappings need none.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:
+        return tensors
+    expected = module.state_dict()
+    if all(name in expected for name in tensors):
+        return tensors
+    transforms = get_model_conversion_mapping(module)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    out = {}
+    for name, tensor in tensors.items():
+        new = name
+        if name not in expected:
+            renamed, converter = rename_source_key(name, renamings, converters, module.base_model_prefix, expected)
+            if converter is None:  # a many-to-one conversion is left for load_weights to refuse
+                new = renamed
+        out[new] = tensor
+    return out
+
+
+class HFArchitecture(Architecture):
+    """An architecture run by Hugging Face transformers (the reference implementation)."""
+
+    def hf_config(self, config: dict):
+        import transformers
+
+        cfg = dict(config)
+        model_type = cfg.pop("model_type", None) or self.layout.model_types[0]
+        return transformers.AutoConfig.for_model(model_type, **cfg)
+
+    def config_problem(self, config: dict) -> str | None:
+        problem = super().config_problem(config)
+        if problem:
+            return problem
+        from transformers import CONFIG_MAPPING
+
+        model_type = config.get("model_type") or self.layout.model_types[0]
+        if model_type not in CONFIG_MAPPING:
+            # A model type transformers does not know: growth needs only the layout;
+            # building the module (verify, fit, export) will say what is missing.
+            return None
+        try:
+            self.hf_config(config)
+        except Exception as exc:  # noqa: BLE001 - transformers' validators raise many types
+            return f"transformers refuses the config: {exc}"
+        return None
+
+    def build_module(self, config: dict) -> torch.nn.Module:
+        import transformers
+
+        hf_config = self.hf_config(config)
+        hf_config._attn_implementation = "eager"  # the plainest path: the reference maths
+        cls = getattr(transformers, self.class_name(config))
+        with torch.device("cpu"):
+            module = cls(hf_config)
+        return module.float().eval()
+
+    def optional_in_module(self, key: str) -> bool:
+        # Optional tensors exist or not by how a model was built (ViTModel's pooler and
+        # mask token are constructor flags no config records): the module may have one the
+        # checkpoint lacks, or lack one the checkpoint has. Neither feeds the primary output.
+        prefix = self.layout.base_prefix
+        return any(p.match(c) for p in self._optional_patterns for c in (key, prefix + key))
+
+    @cached_property
+    def _optional_patterns(self) -> list:
+        return [template_regex(t.name) for t in self.layout.tensors if t.optional]
+
+    def load_weights(self, module, tensors, source):
+        # transformers 5 renames some modules in memory but still saves (and hub files
+        # hold) the original names, e.g. ViT's "encoder.layer.0.attention.attention.query"
+        # is "layers.0.attention.q_proj" in the module: translate with its own mapping.
+        return super().load_weights(module, _hf_module_names(module, tensors), source)
+
+    def example_inputs(self, config, batch, seq, generator):
+        inputs = super().example_inputs(config, batch, seq, generator)
+        types = config.get("type_vocab_size")
+        if types and "input_ids" in inputs:
+            inputs["token_type_ids"] = torch.randint(0, types, (batch, seq), generator=generator)
+        return inputs
+
+    def call(self, module, config, inputs):
+        return self.primary_output(config, module(**inputs, **_call_options(module)))
+
+    def prepare_for_training(self, module, config):
+        cfg = getattr(module, "config", None)
+        if cfg is not None and hasattr(cfg, "use_cache"):
+            cfg.use_cache = False  # a KV cache is dead weight in a training step
+        return module
+
+
+def _call_options(module: torch.nn.Module) -> dict:
+    """Outputs as a dict, and no KV cache (it would become extra graph outputs)."""
+    params = inspect.signature(module.forward).parameters
+    options = {"return_dict": True}
+    if "use_cache" in params:
+        options["use_cache"] = False
+    return options
