@@ -41,8 +41,8 @@ from growth_quality import random_gpt2, stdlib_corpus
 
 from modelgrow.grow import convert
 from modelgrow.plan import GrowthSpec
-from modelgrow.runtime import LMObjective
-from modelgrow.train import TrainOptions, train
+from modelgrow.engine.objective import LMObjective
+from modelgrow.trainer import TrainOptions, train
 
 HERE = Path(__file__).resolve().parent
 MASK_ID = 256  # byte-level BERT: ids 0-255 are bytes, 256 is [MASK]

@@ -42,9 +42,9 @@ import transformers
 from modelgrow import plugins
 from modelgrow.demo import demo_checkpoint
 from modelgrow.grow import convert
-from modelgrow.inspect import describe
+from modelgrow.describe import describe
 from modelgrow.plan import GrowthSpec
-from modelgrow.train import TrainOptions, train
+from modelgrow.trainer import TrainOptions, train
 
 HERE = Path(__file__).resolve().parent
 

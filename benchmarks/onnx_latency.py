@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from modelgrow.demo import demo_checkpoint
-from modelgrow.export import export_onnx
+from modelgrow.onnx_export import export_onnx
 from modelgrow.grow import convert
 from modelgrow.plan import GrowthSpec
 

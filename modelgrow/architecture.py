@@ -105,17 +105,13 @@ class Architecture:
     def load_weights(self, module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
         """Load tensors named as in the checkpoint; every module weight must be covered."""
         expected = module.state_dict()
-        prefix = self.layout.base_prefix
         is_optional = self.optional_in_module
         mapped = {}
         for name, tensor in tensors.items():
-            for candidate in (name, prefix + name, name[len(prefix):] if prefix and name.startswith(prefix) else None):
-                if candidate is not None and candidate in expected:
-                    mapped[candidate] = tensor
-                    break
-            else:
-                if is_optional(name):
-                    continue
+            key = self.module_key(name, expected)
+            if key is not None:
+                mapped[key] = tensor
+            elif not is_optional(name):
                 raise InputError(f"tensor {name!r} has no place in a {type(module).__name__}", path=source)
         tied = self._tied_keys(module, loaded=set(mapped))
         missing = [k for k in expected if k not in mapped and k not in tied and not is_optional(k)]
@@ -149,6 +145,28 @@ class Architecture:
         if isinstance(outputs, dict) or hasattr(outputs, key):
             return outputs[key] if isinstance(outputs, dict) else getattr(outputs, key)
         return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+
+    def module_key(self, name: str, keys) -> str | None:
+        """The module's key for checkpoint tensor ``name`` (with or without ``base_prefix``)."""
+        prefix = self.layout.base_prefix
+        for candidate in (name, prefix + name, name[len(prefix):] if prefix and name.startswith(prefix) else None):
+            if candidate is not None and candidate in keys:
+                return candidate
+        return None
+
+    def parameter_names(self, module: torch.nn.Module, names: list[str]) -> dict[str, str]:
+        """Checkpoint name -> module parameter name; every module parameter must be covered."""
+        params = dict(module.named_parameters())  # tied parameters appear once
+        out = {}
+        for name in names:
+            key = self.module_key(name, params)
+            if key is None:
+                raise RuntimeError(f"tensor {name!r} has no place in a {type(module).__name__}")
+            out[name] = key
+        missing = sorted(set(params) - set(out.values()))
+        if missing:
+            raise RuntimeError(f"{len(missing)} weights of {type(module).__name__} are not produced, e.g. {missing[0]!r}")
+        return out
 
     def _tied_keys(self, module: torch.nn.Module, loaded: set[str]) -> set[str]:
         """Module keys that alias a loaded parameter (a tied head shares the embedding's)."""

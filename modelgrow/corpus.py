@@ -87,7 +87,7 @@ def load_tokens(
         else:
             text = _read_text(path)  # the file's own problems first, then the tokenizer's
             if tok is None:
-                tok = _load_tokenizer(tokenizer, path)
+                tok = load_tokenizer(tokenizer, path)
             ids, fmt = _encode(text, tok), "text"
         if ids.shape[0] == 0:
             raise InputError("data file is empty" if fmt != "text" else "text file tokenises to no tokens", path=path)
@@ -109,7 +109,7 @@ def default_tokenizer(checkpoint_root: str | Path | None) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def _load_tokenizer(path: str | Path | None, data: Path):
+def load_tokenizer(path: str | Path | None, data: Path):
     if path is None:
         raise InputError(
             "is text, but there is no tokenizer.json beside the checkpoint",

@@ -13,8 +13,8 @@ from typing import Callable
 
 import torch
 
-from .grow import convert
-from .plan import GrowthSpec
+from . import api
+from .summaries import format_plan, format_verify
 from .source import load_module, open_source
 
 PROMPT = "for i in "
@@ -36,13 +36,12 @@ def greedy(source, module: torch.nn.Module, ids: list[int], steps: int) -> list[
 def run_demo(output: str | Path | None, *, overwrite: bool = False, echo: Callable = print, progress: bool = False) -> dict:
     from tokenizers import Tokenizer
 
-    from .cli import format_plan, format_verify
-
     src = demo_checkpoint()
     with tempfile.TemporaryDirectory(prefix="modelgrow-demo-") as tmp:
         dest = Path(output) if output else Path(tmp) / "grown"
         echo(f"growing the shipped demo GPT-2 ({src}) 2x wide and 2x deep ...")
-        report = convert(src, dest, GrowthSpec(width="2x", depth="2x"), verify=True, overwrite=overwrite, progress=progress)
+        result = api.convert(src, dest, width="2x", depth="2x", verify=True, overwrite=overwrite, progress=progress)
+        report = result.to_dict()
         echo(format_plan(report))
         echo(format_verify(report["verify"]))
         tok = Tokenizer.from_file(str(src / "tokenizer.json"))

@@ -27,6 +27,13 @@ class ModelgrowError(Exception):
         self.hint = hint
         super().__init__(self._format())
 
+    def located(self, path: str | Path) -> ModelgrowError:
+        """Name the file this error is about, where it does not say yet."""
+        if self.path is None:
+            self.path = str(path)
+            self.args = (self._format(),)
+        return self
+
     def _format(self) -> str:
         text = f"{self.path}: {self.problem}" if self.path else self.problem
         if self.hint:

@@ -1,36 +1,26 @@
-"""The fit pass: train a learned growth operator's own parameters on the target model's
+"""The fit pass: train a learned growth operator's own tensors on the target model's
 real loss, then hand the operator back to the writer.
 
-Shared by every learned operator (and meant to carry the later full training loop):
-
-- the target module comes from the architecture plugin with its *parameters on the meta
+- The target module comes from the architecture with its *parameters on the meta
   device* (buffers such as rotary tables stay real), so the big model's weights exist
-  only once: as the tensors the operator materialises on every step, which are passed
-  to ``torch.func.functional_call``;
-- only the operator's tensors are optimised (AdamW, linear warmup then cosine decay,
-  every setting explicit and recorded; LiGO's own code hid a 10k-step warmup behind
-  a 100-step fit);
-- the loss is the architecture's: causal LM, or masked LM (15%) for ``masked_lm``
-  classes, or ``distill`` (KL to the small model's logits, on the same inputs);
-- data parallel under ``torchrun``: every rank draws the same global batch from the
-  same seeded generator and keeps its slice; the loss is normalised by the *global*
-  token count, so all-reducing (summing) the gradients gives exactly the one-process
-  gradient; only rank 0 writes.
-
-Batches, losses, devices, precision and data parallelism live in modelgrow.runtime,
-shared with `modelgrow train` (modelgrow.train).
+  only once: as the tensors the operator materialises on every step, passed to
+  ``torch.func.functional_call``.
+- Only the operator's tensors are optimised, by the engine's loop (modelgrow.engine)
+  that `modelgrow train` uses too: AdamW, linear warmup then cosine decay, every
+  setting explicit and recorded (LiGO's own code hid a 10k-step warmup behind a
+  100-step fit), torchrun data parallelism, bf16 autocast on CUDA.
+- The loss is the architecture's task (causal LM, or masked LM for ``masked_lm``
+  classes), or ``distill``: KL to the small model's logits on the same inputs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,93 +29,48 @@ from tqdm.auto import tqdm
 
 from . import corpus
 from .architecture import PrimaryOutput
+from .engine.device import peak_memory, precision, prepare_device, resolve_device
+from .engine.distributed import Dist, is_writer, world_size
+from .engine.loop import LoopOptions, Loop
+from .engine.objective import LM_TASKS, LMObjective, lm_task, load_data, mask_token_id, mean_loss, tokenizer_file, \
+    window_length
 from .errors import UsageError
 from .operators.learned import LearnedOperator
-from .runtime import (
-    lm_task, window_length,
-    LM_TASKS, Dist, LMObjective, autocast, grad_norm, is_writer, load_data, mask_token_id, mean_loss,
-    peak_memory, precision, prepare_device, resolve_device, sync_grads, tokenizer_file, world_size,
-)
+from .options import defaults, option
 
 OBJECTIVES = ("lm", "distill")
 
 
-@dataclass
-class FitOptions:
+# Measured on held-out text (benchmarks/fit_quality.py, RESULTS-fit.md): LiGO fitted 100
+# steps on a broad training split beat the copy solution most at lr 3e-5; at 3e-4 Adam's
+# per-entry steps on the dense expansion matrices cost more than the gradient signal
+# gives, and the held-out loss rose. Weight decay 0: decay pulls the expansion matrices
+# towards zero, away from the copy solution the operator starts at.
+@defaults(lr=3e-5, weight_decay=0.0, eval_batches=4)
+class FitOptions(LoopOptions):
     """Every knob of the fit; all of them end up in the report."""
 
-    data: list[str] | None = None
-    steps: int = 100
-    # Measured on held-out text (benchmarks/fit_quality.py, RESULTS-fit.md): LiGO fitted
-    # 100 steps on a broad training split beat the copy solution most at 3e-5 (demo d=64
-    # and d=128 sources alike); at 3e-4 Adam's per-entry steps on the dense expansion
-    # matrices cost more than the gradient signal gives, and the held-out loss rose.
-    lr: float = 3e-5
-    warmup: int | None = None  # None: 10% of the steps
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    # 0 by default: decay pulls the expansion matrices towards zero, i.e. away from the
-    # copy solution the operator starts at, for no benefit in a 100-step fit.
-    weight_decay: float = 0.0
-    batch_size: int = 16  # global: split across data-parallel ranks
-    seq_len: int | None = None  # None: min(128, the model's positions)
-    seed: int = 0
-    objective: str = "lm"
-    device: str = "auto"
-    tokenizer: str | None = None
-    grad_clip: float = 1.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    eval_batches: int = 4  # fixed held-aside windows scored before and after the fit
-    mask_rate: float = 0.15
-    mask_token_id: int | None = None
-    bin_dtype: str | None = None  # raw .bin ids: uint16/uint32 (default from the vocab size)
-    save_operator: str | None = None  # write the fitted operator tensors (safetensors) here
+    kind = "fit"
+    prefix = "fit-"
+    flags = {"tokenizer": "tokenizer", "device": "device"}
+    hidden = ("min_lr_ratio", "seed", "grad_clip", "betas", "eval_batches")
+    help_prefix = "Learned operators' fit: "
 
-    @classmethod
-    def from_dict(cls, options: dict[str, Any] | None) -> FitOptions:
-        options = dict(options or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise UsageError(f"unknown fit option(s): {', '.join(unknown)}")
-        given = {k: v for k, v in options.items() if v is not None}
-        if isinstance(given.get("data"), (str, os.PathLike)):
-            given["data"] = [given["data"]]
-        if "data" in given:
-            given["data"] = [str(p) for p in given["data"]] or None
-        out = cls(**given)
-        out.validate()
-        return out
+    steps: int = option(100, "Optimiser steps of the fit.", ge=0, strict=True)
+    objective: Literal["lm", "distill"] = option(
+        "lm", "lm: the model's own loss (causal LM, or masked LM 15%); distill: KL to the small model's logits "
+              "(zero at an exact start: for stack/interleave or post-LN growth).")
+    save_operator: Path | None = option(None, "Write the fitted operator tensors (safetensors) here.", cli=False)
 
-    def validate(self) -> None:
-        def need(ok: bool, what: str) -> None:
-            if not ok:
-                raise UsageError(what)
 
-        need(isinstance(self.steps, int) and self.steps >= 0, f"--fit-steps must be a whole number >= 0, got {self.steps!r}")
-        need(math.isfinite(self.lr) and self.lr > 0, f"--fit-lr must be positive, got {self.lr}")
-        need(self.batch_size >= 1, f"--fit-batch-size must be >= 1, got {self.batch_size}")
-        need(self.seq_len is None or self.seq_len >= 1, f"--fit-seq-len must be >= 1, got {self.seq_len}")
-        need(self.warmup is None or self.warmup >= 0, f"--fit-warmup must be >= 0, got {self.warmup}")
-        need(0 <= self.weight_decay < 1, f"--fit-weight-decay must be in [0, 1), got {self.weight_decay}")
-        need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        need(0 < self.mask_rate < 1, f"mask_rate must be in (0, 1), got {self.mask_rate}")
-        need(self.eval_batches >= 0, f"eval_batches must be >= 0, got {self.eval_batches}")
-        need(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
-        if self.objective not in OBJECTIVES:
-            raise UsageError(f"unknown --fit-objective {self.objective!r}", hint=f"choose one of {', '.join(OBJECTIVES)}")
-
-    @property
-    def warmup_steps(self) -> int:
-        return self.steps // 10 if self.warmup is None else min(self.warmup, self.steps)
-
-    def lr_factor(self, step: int) -> float:
-        """Multiplier of ``lr`` for 0-based ``step``: linear warmup, then cosine."""
-        warm = self.warmup_steps
-        if step < warm:
-            return (step + 1) / warm
-        progress = (step - warm) / max(1, self.steps - warm)
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def prepare_fit(op, options: dict[str, Any] | FitOptions | None) -> Fit:
+    """Check the options and load the data now, before any output exists."""
+    if not isinstance(op, LearnedOperator):
+        raise UsageError(
+            f"operator {op.name!r} says it is learned but has no trainable tensors to fit",
+            hint="a learned operator subclasses modelgrow.operators.learned.LearnedOperator",
+        )
+    return Fit(op, FitOptions.parse(options))
 
 
 # -- the target module without weights --------------------------------------------------
@@ -161,35 +106,7 @@ def build_target_module(arch, config: dict, device: torch.device) -> nn.Module:
     return arch.prepare_for_training(module, config).eval()
 
 
-def module_names(module: nn.Module, names: list[str], prefix: str) -> dict[str, str]:
-    """Checkpoint name -> module parameter name; every module parameter must be covered."""
-    params = dict(module.named_parameters())  # tied parameters appear once
-    out = {}
-    for name in names:
-        for cand in (name, prefix + name, name[len(prefix):] if prefix and name.startswith(prefix) else None):
-            if cand is not None and cand in params:
-                out[name] = cand
-                break
-        else:
-            raise RuntimeError(f"tensor {name!r} has no place in a {type(module).__name__}")
-    missing = sorted(set(params) - set(out.values()))
-    if missing:
-        raise RuntimeError(f"the operator does not produce {len(missing)} weights of {type(module).__name__}, e.g. {missing[0]!r}")
-    return out
-
-
 # -- the pass ---------------------------------------------------------------------------
-
-
-def prepare_fit(op, options: dict[str, Any] | FitOptions | None) -> Fit:
-    """Check the options and load the data now, before any output exists."""
-    if not isinstance(op, LearnedOperator):
-        raise UsageError(
-            f"operator {op.name!r} says it is learned but has no trainable tensors to fit",
-            hint="a learned operator subclasses modelgrow.operators.learned.LearnedOperator",
-        )
-    opts = options if isinstance(options, FitOptions) else FitOptions.from_dict(options)
-    return Fit(op, opts)
 
 
 class Fit:
@@ -200,8 +117,7 @@ class Fit:
         plan = op.plan
         self.plan, self.source, self.arch = plan, plan.source, plan.source.arch
         self.dist = Dist.from_env()
-        info = self.arch.class_info(plan.config)
-        self.task = info.get("task")
+        self.task = self.arch.task(plan.config)
         self.data = None
         if options.steps == 0 and not options.data:
             return  # the operator stays at its initialisation; nothing to load
@@ -220,14 +136,9 @@ class Fit:
         self.objective = LMObjective(self.task, plan.new.vocab, mask_id, options.mask_rate,
                                      count_all=options.objective == "distill")
 
-    # -- loss -----------------------------------------------------------------------
-
-    def _logits(self, runner, weights, batch):
-        inputs = self.arch.model_inputs(self.plan.config, batch)
-        return torch.func.functional_call(runner, weights, (), inputs, tie_weights=True, strict=False)
-
     def _loss_sum(self, runner, weights, batch, teacher) -> torch.Tensor:
-        logits = self._logits(runner, weights, batch).float()
+        inputs = self.arch.model_inputs(self.plan.config, batch)
+        logits = torch.func.functional_call(runner, weights, (), inputs, tie_weights=True, strict=False).float()
         if self.options.objective == "distill":
             vocab = logits.shape[-1]
             with torch.no_grad():
@@ -237,13 +148,11 @@ class Fit:
                             log_target=True, reduction="sum")
         return self.objective.loss_sum(logits, batch)
 
-    # -- run ------------------------------------------------------------------------
-
     def settings(self) -> dict:
         o = self.options
         return {
             "objective": o.objective, "task": self.task, "steps": o.steps, "lr": o.lr, "warmup": o.warmup_steps,
-            "schedule": f"linear warmup, cosine to {o.min_lr_ratio:g} x lr", "min_lr_ratio": o.min_lr_ratio,
+            "schedule": o.schedule().describe(), "min_lr_ratio": o.min_lr_ratio,
             "weight_decay": o.weight_decay, "optimizer": "AdamW", "betas": list(o.betas), "eps": o.eps,
             "grad_clip": o.grad_clip, "batch_size": o.batch_size, "per_rank_batch": o.batch_size // self.dist.world,
             "seq_len": self.seq_len, "seed": o.seed, "eval_batches": o.eval_batches,
@@ -251,11 +160,11 @@ class Fit:
         }
 
     def run(self, progress: bool = True) -> dict:
-        op, o = self.op, self.options
+        op = self.op
         if self.data is None:
             return {"operator": op.name, "steps": 0, "note": "no fit data: the operator is left at its initialisation"}
         started = time.perf_counter()
-        device = resolve_device(o.device, self.dist.local_rank, self.dist.world)
+        device = resolve_device(self.options.device, self.dist.local_rank, self.dist.world)
         prepare_device(device)
         self.dist.start(device)
         try:
@@ -267,7 +176,7 @@ class Fit:
         op, o = self.op, self.options
         op.to(device)
         module = build_target_module(self.arch, self.plan.config, device)
-        names = module_names(module, [t.name for t in self.plan.targets], self.source.layout.base_prefix)
+        names = self.arch.parameter_names(module, [t.name for t in self.plan.targets])
         runner = PrimaryOutput(self.arch, self.plan.config, module)  # its parameters: "model.<name>"
         teacher = None
         if o.objective == "distill":
@@ -275,14 +184,10 @@ class Fit:
 
             teacher = load_module(self.source).to(device).eval()
         params = op.parameters()
-        tensors = list(params.values())
         start_values = {k: v.detach().clone() for k, v in params.items()}
-        groups: dict[float, list] = {}
+        by_scale: dict[float, list] = {}
         for name, t in params.items():
-            groups.setdefault(op.lr_scale(name), []).append(t)
-        optimiser = torch.optim.AdamW([{"params": ts, "lr": o.lr * scale} for scale, ts in groups.items()],
-                                      lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, o.lr_factor)
+            by_scale.setdefault(op.lr_scale(name), []).append(t)
 
         def weights() -> dict:
             # Materialised under autocast (bf16 matmuls on CUDA), handed over in fp32 so the
@@ -290,50 +195,30 @@ class Fit:
             return {f"model.{names[k]}": v.float() for k, v in op.materialise().items()}
 
         # Separate seeded streams: the training windows, the eval windows, the MLM masks.
-        train = corpus.WindowSampler(self.data, self.seq_len, o.seed)
         held = corpus.WindowSampler(self.data, self.seq_len, o.seed + 1_000_003)
         eval_gen = torch.Generator().manual_seed(o.seed + 2_000_003)
         eval_set = [self.objective.batch(held.windows(o.batch_size), eval_gen) for _ in range(o.eval_batches)]
-        mask_gen = torch.Generator().manual_seed(o.seed + 3_000_017)
 
         @torch.no_grad()
         def evaluate() -> float | None:
             if not eval_set:
                 return None
-            with autocast(device):
-                w = weights()
-                return mean_loss(self.dist, device, eval_set, lambda local: self._loss_sum(runner, w, local, teacher))
+            w = weights()
+            return mean_loss(self.dist, device, eval_set, lambda local: self._loss_sum(runner, w, local, teacher))
 
+        loop = Loop(options=o, groups=[{"params": ts, "lr_scale": scale} for scale, ts in by_scale.items()],
+                    objective=self.objective, sampler=corpus.WindowSampler(self.data, self.seq_len, o.seed),
+                    mask_gen=torch.Generator().manual_seed(o.seed + 3_000_017), dist=self.dist, device=device,
+                    loss_sum=lambda local: self._loss_sum(runner, weights(), local, teacher), schedule=o.schedule(),
+                    name=f"fitting {op.name}", evaluate=evaluate)
         settings = self.settings()
         if show:
             tqdm.write(f"fit {op.name}: " + ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None)
-                       + f", device={device}, operator tensors={sum(t.numel() for t in tensors):,}", file=sys.stderr)
-        before = evaluate()
-        losses, grad_norms, lrs, step_times = [], [], [], []
-        t_loop = time.perf_counter()
-        bar = tqdm(range(o.steps), desc=f"fitting {op.name}", unit="step", disable=not show, leave=False)
-        for step in bar:
-            t_step = time.perf_counter()
-            batch = self.objective.batch(train.windows(o.batch_size), mask_gen)
-            local = self.dist.local(batch, device)
-            with autocast(device):
-                loss = self._loss_sum(runner, weights(), local, teacher) / batch["count"]
-            loss.backward()
-            sync_grads(self.dist, tensors)
-            norm = torch.nn.utils.clip_grad_norm_(tensors, o.grad_clip) if o.grad_clip > 0 else grad_norm(tensors)
-            lrs.append(o.lr * o.lr_factor(step))
-            optimiser.step()
-            schedule.step()
-            optimiser.zero_grad(set_to_none=True)
-            value = float(self.dist.sum_(loss.detach().double()))
-            losses.append(value)
-            grad_norms.append(float(norm))
-            step_times.append(time.perf_counter() - t_step)
-            bar.set_postfix(loss=f"{value:.4f}")
-        bar.close()
-        loop_s = time.perf_counter() - t_loop
+                       + f", device={device}, operator tensors={sum(t.numel() for t in loop.tensors):,}", file=sys.stderr)
+        h = loop.run(show=show)
         op.fitted_steps = o.steps
-        after = evaluate()
+        loop_s = sum(h.step_times)
+        scores = [v for _, v in h.val_curve]
         report = {
             "operator": op.name,
             **settings,
@@ -341,12 +226,13 @@ class Fit:
             "autocast": precision(device),
             "backend": self.dist.backend,
             "data": self.data.describe(),
-            "operator_params": sum(t.numel() for t in tensors),
-            "eval": {"batches": o.eval_batches, "windows": o.eval_batches * o.batch_size, "before": before, "after": after},
-            "loss_curve": losses,
-            "grad_norm_curve": grad_norms,
-            "lr_curve": lrs,
-            "step_times": step_times,
+            "operator_params": sum(t.numel() for t in loop.tensors),
+            "eval": {"batches": o.eval_batches, "windows": o.eval_batches * o.batch_size,
+                     "before": scores[0] if scores else None, "after": scores[-1] if scores else None},
+            "loss_curve": h.loss_curve,
+            "grad_norm_curve": h.grad_norm_curve,
+            "lr_curve": h.lr_curve,
+            "step_times": h.step_times,
             "drift": _drift(op, params, start_values),
             "wall_s": time.perf_counter() - started,
             "step_s": loop_s / max(1, o.steps),
@@ -356,9 +242,9 @@ class Fit:
         if o.save_operator and self.dist.rank == 0:
             from safetensors.torch import save_file
 
-            save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, o.save_operator,
+            save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(o.save_operator),
                       metadata={"modelgrow.operator": op.name, "modelgrow.fit_steps": str(o.steps)})
-            report["saved_operator"] = o.save_operator
+            report["saved_operator"] = str(o.save_operator)
         return report
 
 
@@ -377,7 +263,5 @@ def _drift(op: LearnedOperator, params: dict, start: dict) -> dict:
     return {"groups": out, "relative": math.sqrt(total_d / total_s) if total_s else 0.0, "max_abs": biggest}
 
 
-# is_writer, resolve_device and world_size moved to modelgrow.runtime; still importable
-# from here for existing callers.
 __all__ = ["FitOptions", "Fit", "prepare_fit", "is_writer", "resolve_device", "world_size",
            "build_target_module", "parameters_on_meta", "OBJECTIVES", "LM_TASKS"]

@@ -15,17 +15,35 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, plugins
+from . import plugins
+from .version import __version__
 from .checkpoint import CheckpointWriter, parse_size
+from .destination import check_destination
+from .options import Options, option
 from .errors import InputError, ModelgrowError, OutputError, UsageError, VerificationError
 from .fit import is_writer, prepare_fit
 from .plan import GrowthSpec, Plan, make_plan
 from .report import write_report
 from .source import SourceModel, open_source
-from .verify import compare
+from .compare import compare
 
 # Verification runs both models on the CPU; past this size it is opt-in (--verify).
 AUTO_VERIFY_MAX_PARAMS = 300_000_000
+
+
+class ConvertOptions(Options):
+    """How a conversion runs and where its extras go (the growth itself: GrowthSpec)."""
+
+    kind = "convert"
+
+    config: Path | None = option(None, "config.json, when not beside SOURCE.")
+    max_shard_size: str | int = option("2GB", "Largest shard in bytes; units KB/MB/GB (powers of 1000) or KiB/MiB/GiB.")
+    overwrite: bool = option(False, "Replace OUTPUT if it exists (only once the new one is complete).")
+    verify: bool | None = option(None, "Run both models and compare outputs [default: on up to 300M parameters].")
+    dry_run: bool = option(False, "Print the plan and stop.")
+    allow_nonfinite: bool = option(False, "Grow weights that hold NaN or Inf instead of refusing.")
+    report: Path | None = option(None, "Write a JSON report of the run here.")
+    onnx: Path | None = option(None, "Also export the grown model to this .onnx file, checked like `modelgrow export` does.")
 
 
 def provenance(plan: Plan, operator_name: str, options: dict[str, Any]) -> dict[str, str]:
@@ -40,14 +58,6 @@ def provenance(plan: Plan, operator_name: str, options: dict[str, Any]) -> dict[
             sort_keys=True,
         ),
     }
-
-
-def _check_destination(source: SourceModel, dest: Path) -> None:
-    src = Path(source.checkpoint.path).resolve()
-    d = dest.resolve()
-    inputs = {src, Path(source.checkpoint.root).resolve(), *(Path(f).resolve() for f in source.checkpoint.files)}
-    if d in inputs:
-        raise OutputError("output path is the input", path=dest, hint="choose another -o/--output")
 
 
 def convert(
@@ -81,12 +91,9 @@ def convert(
             plan = make_plan(source, spec)
             op = plugins.get_operator(operator)(plan, **options)
         except ModelgrowError as err:
-            if err.path is None:
-                # "target width 16 is smaller than the source's 32" must say which
-                # checkpoint it is about when it is one line in a batch job's log.
-                err.path = str(source_path)
-                err.args = (err._format(),)
-            raise
+            # "target width 16 is smaller than the source's 32" must say which
+            # checkpoint it is about when it is one line in a batch job's log.
+            raise err.located(source_path) from None
         timings["plan_s"] = time.perf_counter() - started
         report: dict[str, Any] = {
             "modelgrow_version": __version__,
@@ -102,7 +109,7 @@ def convert(
             write_report(report, report_path)
             return report
         dest = Path(dest)
-        _check_destination(source, dest)
+        check_destination(source, dest)
         if verify is None:
             verify = plan.target_params() <= AUTO_VERIFY_MAX_PARAMS
         # Fit options and data are checked now, before any output exists.

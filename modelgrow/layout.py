@@ -126,6 +126,16 @@ class Dims:
             "head_dim": self.head_dim,
         }.get(role)
 
+    def axis_sizes(self, spec: TensorSpec) -> tuple[int | None, ...]:
+        """The size of each of ``spec``'s storage axes under these dims: the sum of its
+        roles' sizes, or None where a role is not one of the dims' (a fixed size that only
+        a checkpoint can tell, such as image channels)."""
+        sizes = []
+        for roles in spec.axes:
+            each = [self.role_size(r) for r in roles]
+            sizes.append(None if None in each else sum(each))
+        return tuple(sizes)
+
     def as_dict(self) -> dict[str, int | None]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 

@@ -11,23 +11,33 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from pydantic import ConfigDict
+
 from .errors import UsageError
+from .options import Options, option
 from .layout import Dims, TensorSpec, config_get, config_has, config_set
 from .source import SourceModel
 
 DEPTH_MODES = ("identity", "interleave", "stack")
 
 
-@dataclass(frozen=True)
-class GrowthSpec:
+SIZE_HELP = "a factor (2x, 1.5x) or an absolute size (1024)"
+
+
+class GrowthSpec(Options):
     """What the user asked for. Each size is a factor ("2x", "1.5x") or absolute ("1024")."""
 
-    width: str | None = None
-    depth: str | None = None
-    heads: str | None = None
-    kv_heads: str | None = None
-    ffn: str | None = None
-    depth_mode: str = "identity"
+    model_config = ConfigDict(frozen=True)
+    kind = "growth"
+
+    width: str | int | None = option(None, f"Hidden size: {SIZE_HELP}.")
+    depth: str | int | None = option(None, f"Number of layers: {SIZE_HELP}.")
+    heads: str | int | None = option(None, f"Attention heads (head size never changes): {SIZE_HELP}.")
+    kv_heads: str | int | None = option(None, f"Key/value heads for grouped-query attention: {SIZE_HELP}.")
+    ffn: str | int | None = option(None, f"FFN hidden size: {SIZE_HELP} [default: scaled with the width].")
+    # A plain string: make_plan names the modes when it refuses one.
+    depth_mode: str = option("identity", "identity: inserted blocks add nothing (exact for pre-LN); interleave: "
+                                         "0,0,1,1,..; stack: 0,1,..,0,1,.. (not exact).", choices=DEPTH_MODES)
 
 
 @dataclass(frozen=True)

@@ -103,15 +103,20 @@ def _collect(hook_name: str) -> dict:
     load_plugins()
     found: dict = {}
     for impl in getattr(pm.hook, hook_name).get_hookimpls():
-        registered: list = []
-        try:
-            impl.function(register=registered.append)
-        except Exception as exc:  # noqa: BLE001
-            _record_failure(impl.plugin_name, f"{hook_name}: {type(exc).__name__}: {exc}")
-            continue
-        for item in registered:
+        for item in _registered_by(impl.plugin_name, impl.function, hook_name):
             found.setdefault(item.name, item)
     return found
+
+
+def _registered_by(plugin_name: str, hook, hook_name: str) -> list:
+    """What one plugin's callback hook registers; a plugin that raises is recorded as failed."""
+    items: list = []
+    try:
+        hook(register=items.append)
+    except Exception as exc:  # noqa: BLE001 - any plugin bug is reported, not raised
+        _record_failure(plugin_name, f"{hook_name}: {type(exc).__name__}: {exc}")
+        return []
+    return items
 
 
 def _record_failure(name: str, error: str) -> None:
@@ -158,12 +163,7 @@ def describe_plugins() -> list[dict]:
         registered = {"architectures": [], "operators": []}
         for hook, key in (("register_architectures", "architectures"), ("register_operators", "operators")):
             if hasattr(plugin, hook):
-                items: list = []
-                try:
-                    getattr(plugin, hook)(register=items.append)
-                except Exception:  # noqa: BLE001 - reported by failures()
-                    pass
-                registered[key] = sorted(i.name for i in items)
+                registered[key] = sorted(i.name for i in _registered_by(name, getattr(plugin, hook), hook))
         rows.append(
             {
                 "name": name,
@@ -187,6 +187,6 @@ def _origin(name: str, plugin, dist) -> str:
 
 
 def _own_version() -> str:
-    from . import __version__
+    from .version import __version__
 
     return __version__

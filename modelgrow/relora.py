@@ -127,20 +127,3 @@ def prune_moments(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], 
         keep = m.abs() > threshold
         m.mul_(keep)
         v.mul_(keep)
-
-
-def jagged_cosine(step: int, total: int, warmup: int, cycle: int | None, restart_warmup: int,
-                  min_ratio: float = 0.1) -> float:
-    """LR multiplier: linear warmup, cosine to ``min_ratio``, and after every ReLoRA
-    merge (each ``cycle`` steps) a drop to zero and re-warm over ``restart_warmup``."""
-
-    def base(t: int) -> float:
-        progress = min(1.0, max(0.0, (t - warmup) / max(1, total - warmup)))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    if step < warmup:
-        return (step + 1) / warmup
-    if cycle and step >= cycle and step % cycle < restart_warmup:
-        into = step % cycle
-        return into / restart_warmup * base(step - into + restart_warmup)
-    return base(step)

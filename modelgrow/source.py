@@ -91,7 +91,7 @@ class SourceModel:
 
     def param_count(self) -> int:
         """Parameters as the model has them: a tied head counts once."""
-        return sum(self.checkpoint.info(b.name).numel for b in self._bound.values() if not self._is_tied_head(b.spec))
+        return sum(self.checkpoint.info(b.name).numel for b in self._bound.values() if not self.is_tied_head(b.spec))
 
     # -- binding -----------------------------------------------------------------------
 
@@ -104,7 +104,7 @@ class SourceModel:
             found = [self._find(spec, layer, available) for layer in layers]
             hits = [f for f in found if f is not None]
             if not hits:
-                if spec.optional or self._is_tied_head(spec):
+                if spec.optional or self.is_tied_head(spec):
                     continue
                 raise CheckpointError(
                     f"tensor {self.stored_name(spec, 0 if spec.per_layer else None)!r} is missing "
@@ -155,7 +155,7 @@ class SourceModel:
     def _class_has_head(self) -> bool:
         return bool(self.layout.tie) and self.arch.class_info(self.config).get("tied_head", False)
 
-    def _is_tied_head(self, spec: TensorSpec) -> bool:
+    def is_tied_head(self, spec: TensorSpec) -> bool:
         return bool(self.layout.tie) and spec.name == self.layout.tie["head"] and self.tied
 
     def expected_shape(self, spec: TensorSpec, dims: Dims, actual: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -196,7 +196,7 @@ def load_module(source: SourceModel) -> torch.nn.Module:
     tensors = {
         source.stored_name(b.spec, b.layer): source.checkpoint.get(b.name).float()
         for b in source.bound()
-        if not source._is_tied_head(b.spec)
+        if not source.is_tied_head(b.spec)
     }
     source.arch.load_weights(module, tensors, source.path)
     return module

@@ -20,26 +20,18 @@ safetensors and JSON only: nothing is pickled, nothing runs code when read.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import CheckpointWriter
-from .checkpoint.writer import _fsync_dir
-from .errors import InputError
-from .fit import module_names
+from .checkpoint.atomic import fsync_path
+from .engine.state import STATE_DIR, STATE_FORMAT, STATE_JSON, STATE_TENSORS
 from .relora import LoRAAdapter
 
-STATE_DIR = "training_state"
-STATE_JSON = "state.json"
-STATE_TENSORS = "state.safetensors"
-STATE_FORMAT = "modelgrow-train-state"
-STATE_VERSION = 1
+
 
 
 class WeightMap:
@@ -53,15 +45,15 @@ class WeightMap:
         self.source = source
         self.named = list(module.named_parameters())  # tied parameters once
         params = dict(self.named)
-        bound = [b for b in source.bound() if not source._is_tied_head(b.spec)]
+        bound = [b for b in source.bound() if not source.is_tied_head(b.spec)]
         # The names load_module loaded under (the layout's naming) -> module parameters.
-        to_module = module_names(module, [source.stored_name(b.spec, b.layer) for b in bound], source.layout.base_prefix)
+        to_module = source.arch.parameter_names(module, [source.stored_name(b.spec, b.layer) for b in bound])
         self.param_of: dict[str, torch.nn.Parameter] = {}
         for b in bound:
             self.param_of[b.name] = params[to_module[source.stored_name(b.spec, b.layer)]]
         tie = source.layout.tie
         for b in source.bound():
-            if source._is_tied_head(b.spec):  # stored although tied: same values as the embedding
+            if source.is_tied_head(b.spec):  # stored although tied: same values as the embedding
                 emb = next(e for e in bound if e.spec.name == tie["embedding"])
                 self.param_of[b.name] = self.param_of[emb.name]
         for name, p in self.param_of.items():
@@ -116,48 +108,5 @@ def save_step(dest: Path, source, weights: WeightMap, adapters: list[LoRAAdapter
                   metadata={"format": STATE_FORMAT})
         (folder / STATE_JSON).write_text(json.dumps(state, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         for path in (folder / STATE_TENSORS, folder / STATE_JSON, folder):
-            _fsync_dir(path)  # works for files too: fsync of an O_RDONLY descriptor
+            fsync_path(path)  # works for files too: fsync of an O_RDONLY descriptor
         writer.commit()
-
-
-def find_state(path: str | Path) -> Path:
-    """The step folder to resume from: ``path`` itself, or the latest step-N inside it."""
-    path = Path(path)
-    if (path / STATE_DIR / STATE_JSON).is_file():
-        return path
-    steps = sorted((p for p in path.glob("step-*") if (p / STATE_DIR / STATE_JSON).is_file()),
-                   key=lambda p: int(p.name.split("-", 1)[1]) if p.name.split("-", 1)[1].isdigit() else -1)
-    if not path.is_dir() or not steps:
-        raise InputError(f"no training state here (looked for {STATE_DIR}/{STATE_JSON} and step-N/ folders)", path=path,
-                         hint="give a step folder written by --save-every")
-    return steps[-1]
-
-
-def read_state(folder: Path) -> dict:
-    try:
-        state = json.loads((folder / STATE_DIR / STATE_JSON).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"unreadable training state: {exc}", path=folder / STATE_DIR / STATE_JSON) from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
-        raise InputError(f"not a {STATE_FORMAT} v{STATE_VERSION} file", path=folder / STATE_DIR / STATE_JSON)
-    if not (folder / STATE_DIR / STATE_TENSORS).is_file():
-        raise InputError("training state tensors are missing", path=folder / STATE_DIR / STATE_TENSORS)
-    return state
-
-
-def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    path = folder / STATE_DIR / STATE_TENSORS
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-        raise InputError(f"unreadable training state tensors: {exc}", path=path) from None
-
-
-def fingerprint(tokens) -> str:
-    """sha256 of a token stream's values (as int64, so .npy/.bin/text agree)."""
-    digest = hashlib.sha256()
-    step = 1 << 22
-    for start in range(0, len(tokens), step):
-        digest.update(np.asarray(tokens[start:start + step], dtype=np.int64).tobytes())
-    return digest.hexdigest()

@@ -1,4 +1,4 @@
-"""ONNX export (modelgrow/export.py): every built-in architecture exports, onnxruntime
+"""ONNX export (modelgrow/onnx_export.py): every built-in architecture exports, onnxruntime
 reproduces PyTorch on shapes other than the export example, and a failed check or a
 missing dependency leaves nothing behind.
 
@@ -19,10 +19,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from modelgrow import export as export_mod
+from modelgrow import onnx_export as export_mod
 from modelgrow.cli import main
 from modelgrow.errors import ModelgrowError, OutputError, UsageError, VerificationError
-from modelgrow.export import EXAMPLE_SHAPE, MISSING_EXTRA, data_path, export_onnx
+from modelgrow.onnx_export import EXAMPLE_SHAPE, MISSING_EXTRA, data_path, export_onnx
 from modelgrow.grow import convert
 from modelgrow.plan import GrowthSpec
 from modelgrow.source import load_module, open_source

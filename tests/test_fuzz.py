@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from modelgrow import fuzz
+import fuzz_reader as fuzz
 from modelgrow.checkpoint import open_checkpoint
 from modelgrow.errors import CheckpointError, InputError
 

@@ -32,8 +32,8 @@ from modelgrow.demo import demo_checkpoint
 from modelgrow.errors import UsageError
 from modelgrow.grow import convert
 from modelgrow.operators.copy import CopyOperator
-from modelgrow.operators.mango import (RING, MangoOperator, cheapest_order, contract, contraction_cost,
-                                       contraction_orders, full_map)
+from modelgrow.operators.mango import MangoOperator
+from modelgrow.operators.tensor_ring import RING, cheapest_order, contract, contraction_cost, contraction_orders, full_map
 from modelgrow.plan import GrowthSpec, make_plan
 from modelgrow.source import open_source
 

@@ -143,6 +143,31 @@ def test_plugins_command_lists_the_distribution_and_survives_a_broken_one(site, 
     assert "architectures: bert, deit, gpt2" in out  # the built-ins are all still there
 
 
+def test_a_plugin_failing_while_registering_is_listed_in_a_fresh_process(site, tmp_path):
+    """The module imports, its hook raises: a fresh `modelgrow plugins` (nothing warmed
+    before it) lists it as FAILED and still lists the built-ins."""
+    folder = tmp_path / "late"
+    info = folder / "late_failure-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: late-failure\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[modelgrow]\nlate = late_failure\n")
+    (folder / "late_failure.py").write_text(
+        "from modelgrow.hookspecs import hookimpl\n\n"
+        "@hookimpl\ndef register_operators(register):\n    raise ValueError('cannot register today')\n")
+    env = dict(os.environ)
+    env.pop("MODELGROW_PLUGINS", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site or ""), str(folder), env.get("PYTHONPATH", "")) if p)
+    result = subprocess.run([sys.executable, "-m", "modelgrow", "plugins"], env=env, capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "late  FAILED to load: register_operators: ValueError: cannot register today" in result.stdout
+    assert "operators: copy" in result.stdout
+    listed = subprocess.run([sys.executable, "-m", "modelgrow", "plugins", "--json"], env=env, capture_output=True,
+                            text=True, timeout=120, cwd=tmp_path)
+    failures = json.loads(listed.stdout)["failures"]
+    assert [f["name"] for f in failures] == ["late"], failures
+
+
 def test_describe_plugins_names_distribution_and_version(site, fresh):
     rows = {r["name"]: r for r in plugins.describe_plugins()}
     assert rows["nanogpt"]["distribution"] == DIST and rows["nanogpt"]["version"] == VERSION

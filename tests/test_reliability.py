@@ -44,7 +44,7 @@ from modelgrow.errors import (
     EXIT_VERIFY_FAILED,
 )
 from modelgrow.source import open_source
-from modelgrow.verify import compare
+from modelgrow.compare import compare
 
 GROW = ["--width", "2x", "--depth", "2x"]
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 import tiny
-from modelgrow.relora import LoRAAdapter, add_adapters, jagged_cosine, prune_moments, remove_adapters
+from modelgrow.engine.schedule import jagged_cosine
+from modelgrow.relora import LoRAAdapter, add_adapters, prune_moments, remove_adapters
 from modelgrow.source import load_module, open_source
 
 

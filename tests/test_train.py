@@ -33,7 +33,7 @@ import tiny
 from modelgrow.cli import main
 from modelgrow.demo import demo_checkpoint
 from modelgrow.errors import UsageError
-from modelgrow.train import TrainOptions, checkpoints_dir, train
+from modelgrow.trainer import TrainOptions, checkpoints_dir, train
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((REPO / "schemas" / "train-report.schema.json").read_text())
@@ -157,7 +157,7 @@ DIST_OPTIONS = dict(steps=8, batch_size=4, seq_len=16, eval_batches=1, device="c
                     restart_warmup=1, adapter_dropout=0.0, lr=3e-3)
 DIST_SCRIPT = f"""
 import sys, torch
-from modelgrow.train import train
+from modelgrow.trainer import train
 src, data, out, report = sys.argv[1:5]
 train(src, out, dict(data=[data], **{DIST_OPTIONS!r}), progress=False, report_path=report)
 """

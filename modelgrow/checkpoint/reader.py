@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from safetensors import safe_open
 
-from modelgrow.checkpoint.safetensors_format import TensorInfo, _short, read_header
+from modelgrow.checkpoint.safetensors_format import TensorInfo, read_header, shorten
 from modelgrow.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
@@ -152,7 +152,7 @@ def open_checkpoint(path: str | Path, config_path: str | Path | None = None) -> 
         # pathlib's exists()/is_dir()/is_file() raise instead of answering False for a
         # name that is too long (a hostile shard name in an index), a permission denied
         # or a symlink loop: bad input to report, not a modelgrow bug.
-        name = f" {_short(str(err.filename))}" if err.filename else ""
+        name = f" {shorten(str(err.filename))}" if err.filename else ""
         raise CheckpointError(f"cannot read{name}: {err.strerror or err}", path=given) from None
 
 
@@ -274,7 +274,7 @@ def _shard_path(shard: str, root: Path, index: Path) -> Path:
         # Else an index pointing at config.json gets config.json blamed for not being
         # a safetensors file, and the index, the file actually wrong, goes unnamed.
         raise CheckpointError(
-            f"index names shard {_short(repr(shard))}, which is not a .safetensors file", path=index
+            f"index names shard {shorten(repr(shard))}, which is not a .safetensors file", path=index
         )
     path = root / pure
     if not path.is_file():

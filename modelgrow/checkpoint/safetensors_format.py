@@ -165,7 +165,7 @@ def _parse_json(raw: bytes, fail) -> dict:
         # Deeply nested arrays ([[[[...) exhaust the parser's stack; no real header nests.
         raise fail("header JSON is nested too deeply") from None
     except ValueError as err:  # includes json.JSONDecodeError
-        raise fail(f"header is not valid JSON: {_short(str(err))}") from None
+        raise fail(f"header is not valid JSON: {shorten(str(err))}") from None
     if not isinstance(header, dict):
         raise fail(f"header must be a JSON object, got {type(header).__name__}")
     return header
@@ -189,7 +189,7 @@ def _check_entry(name: str, entry: object, buffer_len: int, path: Path, fail) ->
     code = entry.get("dtype")
     if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
         known = ", ".join(SAFETENSORS_DTYPES)
-        raise fail(f"tensor {name!r} has unknown dtype {_short(repr(code))}", f"known: {known}")
+        raise fail(f"tensor {name!r} has unknown dtype {shorten(repr(code))}", f"known: {known}")
     dtype = SAFETENSORS_DTYPES[code]
 
     shape = entry.get("shape")
@@ -199,13 +199,13 @@ def _check_entry(name: str, entry: object, buffer_len: int, path: Path, fail) ->
         or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape)
     ):
         raise fail(
-            f"tensor {name!r} shape {_short(repr(shape))} must be a list of at most "
+            f"tensor {name!r} shape {shorten(repr(shape))} must be a list of at most "
             f"{MAX_RANK} non-negative integers"
         )
 
     offsets = entry.get("data_offsets")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
-        raise fail(f"tensor {name!r} data_offsets {_short(repr(offsets))} must be [begin, end]")
+        raise fail(f"tensor {name!r} data_offsets {shorten(repr(offsets))} must be [begin, end]")
     begin, end = offsets
     if not 0 <= begin <= end:
         raise fail(f"tensor {name!r} data_offsets [{begin}, {end}] need 0 <= begin <= end")
@@ -244,6 +244,6 @@ def _check_coverage(tensors: dict[str, TensorInfo], buffer_len: int, fail) -> No
         )
 
 
-def _short(text: str, limit: int = 80) -> str:
+def shorten(text: str, limit: int = 80) -> str:
     """Keep hostile values from turning an error message into a wall of text."""
     return text if len(text) <= limit else text[: limit - 3] + "..."

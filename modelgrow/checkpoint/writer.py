@@ -1,7 +1,7 @@
 """Write a Hugging Face style safetensors checkpoint atomically.
 
-Everything is written into a hidden temporary folder beside the destination and renamed
-into place only by commit(), so a crash, a full disk or an exception leaves either the
+Everything is written into a hidden temporary folder beside the destination (see
+checkpoint/atomic.py) and renamed into place only by commit(), so a crash, a full disk or an exception leaves either the
 old destination or nothing, never half a checkpoint. Shards are packed greedily by bytes
 in the order tensors are added; at most one shard's tensors are held in memory.
 """
@@ -9,33 +9,30 @@ in the order tensors are added; at most one shard's tensors are held in memory.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
-import re
-import secrets
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from modelgrow.checkpoint.atomic import (
+    OLD_MARKER,
+    fsync_path,
+    hash_and_fsync,
+    make_staging_folder,
+    output_errors,
+    remove_path,
+    remove_stale_temps,
+    unique_sibling,
+)
 from modelgrow.errors import InputError, OutputError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-TMP_MARKER = ".modelgrow-tmp-"
-OLD_MARKER = ".modelgrow-old-"
-
-# Errors that mean "the disk (or a quota, or RLIMIT_FSIZE) has no room for this file".
-_NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
-
-# The safetensors library reports I/O failures as its own exception type with the OS
-# error only in the message, e.g. "I/O error: File too large (os error 27)".
-_RUST_OS_ERROR = re.compile(r"os error (\d+)")
 
 
 @dataclass(frozen=True)
@@ -98,15 +95,13 @@ class CheckpointWriter:
             raise OutputError("is not a usable destination folder name", path=dest)
         if not dest.parent.is_dir():
             raise OutputError(f"parent folder {dest.parent} does not exist", path=dest)
-        with self._output_errors(dest.parent):
+        with output_errors(dest.parent, dest):
             # Before the exists check: a checkpoint that a killed overwrite had set aside
             # is put back first, and then counts as existing.
-            _remove_stale_temp_folders(dest.parent, dest.name)
+            remove_stale_temps(dest)
         if os.path.lexists(dest) and not self.overwrite:
             raise OutputError("exists; pass --overwrite to replace it", path=dest)
-        with self._output_errors(dest.parent):
-            self._tmp = _unique_sibling(dest, TMP_MARKER)
-            os.mkdir(self._tmp)
+        self._tmp = make_staging_folder(dest)
         self._state = "open"
         return self
 
@@ -157,7 +152,7 @@ class CheckpointWriter:
     def _write_json(self, filename: str, obj: object) -> None:
         text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
         path = self._tmp / filename
-        with self._output_errors(path):
+        with output_errors(path, self.dest):
             path.write_bytes((text + "\n").encode("utf-8"))
             self._record(filename)
 
@@ -170,7 +165,7 @@ class CheckpointWriter:
         if not src.is_file():
             raise InputError("cannot copy: not a file", path=src)
         path = self._tmp / name
-        with self._output_errors(path):
+        with output_errors(path, self.dest):
             shutil.copyfile(src, path)  # content only: no timestamps or modes carried over
             self._record(name)
 
@@ -200,8 +195,8 @@ class CheckpointWriter:
         """Finish (if not done yet) and move the folder into place."""
         self.finish()
         try:
-            with self._output_errors(self._tmp):
-                _fsync_dir(self._tmp)
+            with output_errors(self._tmp, self.dest):
+                fsync_path(self._tmp)
                 self._move_into_place()
         except BaseException:
             self._abort()
@@ -215,7 +210,7 @@ class CheckpointWriter:
         weight_map = {}
         for i, (tmp_name, names) in enumerate(self._shards, start=1):
             final = SINGLE_FILE if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
-            with self._output_errors(self._tmp / final):
+            with output_errors(self._tmp / final, self.dest):
                 os.rename(self._tmp / tmp_name, self._tmp / final)
             self._written[final] = self._written.pop(tmp_name)
             weight_map.update(dict.fromkeys(names, final))
@@ -237,7 +232,7 @@ class CheckpointWriter:
         else:
             # Two renames, not one: rename() cannot replace a non-empty folder. The old
             # checkpoint is deleted only once the new one is in place.
-            aside = _unique_sibling(dest, OLD_MARKER)
+            aside = unique_sibling(dest, OLD_MARKER)
             os.rename(dest, aside)
             try:
                 os.rename(self._tmp, dest)
@@ -251,15 +246,15 @@ class CheckpointWriter:
                         path=dest,
                     ) from err
                 raise
-            _remove(aside)
-        _fsync_dir(dest.parent)
+            remove_path(aside)
+        fsync_path(dest.parent)
 
     # -- internals ---------------------------------------------------------------------
 
     def _flush(self) -> None:
         tmp_name = f"shard-{len(self._shards):05d}.safetensors"
         path = self._tmp / tmp_name
-        with self._output_errors(path):
+        with output_errors(path, self.dest):
             save_file(self._shard, path, metadata=self._metadata)
             _sort_header_metadata(path)
         # fsync and sha256 re-read the file from the page cache: done on a helper thread
@@ -274,7 +269,7 @@ class CheckpointWriter:
         pending, self._pending = self._pending, []
         try:
             for path, future in pending:
-                with self._output_errors(path):
+                with output_errors(path, self.dest):
                     future.result()
         finally:
             if self._hasher is not None:
@@ -283,14 +278,7 @@ class CheckpointWriter:
 
     def _record(self, name: str) -> None:
         """fsync a finished file and remember its size and sha256 for the caller."""
-        digest = hashlib.sha256()
-        size = 0
-        with open(self._tmp / name, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-                size += len(chunk)
-            os.fsync(f.fileno())
-        self._written[name] = (size, digest.hexdigest())
+        self._written[name] = hash_and_fsync(self._tmp / name)
 
     def _check_side_file_name(self, name: str) -> None:
         if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", ".."):
@@ -313,29 +301,6 @@ class CheckpointWriter:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
-    @contextmanager
-    def _output_errors(self, path: Path):
-        """Turn OS-level write failures into an OutputError the CLI can print."""
-        try:
-            yield
-        except OSError as err:
-            raise _output_error(err.errno, err.strerror or str(err), path, self.dest) from err
-        except Exception as err:
-            match = _RUST_OS_ERROR.search(str(err))
-            if match is None or type(err).__name__ != "SafetensorError":
-                raise
-            raise _output_error(int(match.group(1)), str(err), path, self.dest) from err
-
-
-def _output_error(code: int | None, detail: str, path: Path, dest: Path) -> OutputError:
-    if code in _NO_SPACE:
-        return OutputError(
-            f"no space left writing {path.name}",
-            path=dest,
-            hint="the disk or quota is full or a file-size limit was hit; nothing was written",
-        )
-    return OutputError(f"cannot write {path.name}: {detail}", path=dest)
-
 
 def _created_meanwhile(dest: Path) -> OutputError:
     return OutputError(
@@ -343,49 +308,6 @@ def _created_meanwhile(dest: Path) -> OutputError:
         path=dest,
         hint="pass --overwrite to replace it",
     )
-
-
-def _unique_sibling(dest: Path, marker: str) -> Path:
-    # Recognisable (and tied to our pid) so a later run can clean it up after a crash.
-    return dest.parent / f".{dest.name}{marker}{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _remove_stale_temp_folders(parent: Path, name: str) -> None:
-    """Clean up after earlier writers to the same destination that died mid-write.
-
-    Their temp folders are deleted. A previous checkpoint that an overwrite had renamed
-    aside is put back only if that writer died between its two renames (its temp folder
-    is still there and the destination is missing); otherwise the new checkpoint did
-    reach the destination, and the old one is deleted as the writer would have.
-    """
-    stale: list[tuple[str, int, str]] = []
-    for entry in sorted(os.scandir(parent), key=lambda e: e.name):
-        for marker in (TMP_MARKER, OLD_MARKER):
-            prefix = f".{name}{marker}"
-            if not entry.name.startswith(prefix) or not entry.is_dir(follow_symlinks=False):
-                continue
-            match = re.fullmatch(r"(\d+)-[0-9a-f]+", entry.name[len(prefix) :])
-            if match and not _pid_alive(int(match.group(1))):
-                stale.append((marker, int(match.group(1)), entry.path))
-    unfinished = {pid for marker, pid, _ in stale if marker == TMP_MARKER}
-    dest = parent / name
-    for marker, pid, path in stale:
-        if marker == OLD_MARKER and pid in unfinished and not os.path.lexists(dest):
-            os.rename(path, dest)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0 or pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: it exists but belongs to someone else
-        return True
-    return True
 
 
 def _sort_header_metadata(path: Path) -> None:
@@ -408,19 +330,3 @@ def _sort_header_metadata(path: Path) -> None:
             raise RuntimeError(f"re-serialised header of {path.name} grew; cannot sort metadata")
         f.seek(8)
         f.write(text.ljust(header_len, b" "))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    # Best effort: the new checkpoint is already in place, so a leftover is not a failure.
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)

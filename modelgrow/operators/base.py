@@ -4,35 +4,59 @@ names: they see a plan (dims, depth map, promise) and produce one target tensor 
 
 from __future__ import annotations
 
-import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from .. import seeding
 from ..errors import UsageError
+from ..options import Options, option
 from ..maps import RoleMaps
 from ..plan import Plan, Promise, TargetTensor
 
-NOISE_MODES = ("exact", "plain")
+
+
+class OperatorOptions(Options):
+    """What every operator takes. An operator declares its own group as a subclass;
+    each field becomes a `modelgrow convert` flag."""
+
+    kind = "operator"
+
+    seed: int = option(0, "Seed for noise; same seed, same bytes.", strict=True)
+
+
+class NoiseOptions(OperatorOptions):
+    """The symmetry-breaking options of every copy-initialised operator."""
+
+    noise: float = option(0.01, "Symmetry-breaking noise, relative to each tensor's spread (0 for none).",
+                          ge=0, allow_inf_nan=False)
+    noise_mode: Literal["exact", "plain"] = option(
+        "exact", "exact: noise cancels across copies (function preserved); plain: noise everywhere.")
 
 
 class Operator:
-    """Subclass, set ``name``/``description``, implement ``tensor``.
+    """Subclass, set ``name``/``description``/``Options``, implement ``tensor``.
 
-    ``options`` come from the command line (``--noise``, ``--seed``, ...); an operator
-    reads the ones it understands. Learned operators also implement ``fit``.
+    ``options`` are validated into ``self.settings`` (an instance of ``Options``); the raw
+    dict stays in ``self.options``. Learned operators subclass ``LearnedOperator``.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     learned: ClassVar[bool] = False
+    Options: ClassVar[type[OperatorOptions]] = OperatorOptions
 
     def __init__(self, plan: Plan, **options: Any):
         self.plan = plan
         self.source = plan.source
+        unknown = sorted(set(options) - set(self.Options.model_fields))
+        if unknown:
+            flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+            raise UsageError(f"{flags}: not an option of the {self.name} operator",
+                             hint="`modelgrow convert --help` says which operator takes which option")
+        self.settings = self.Options.parse(options)
         self.options = options
-        self.seed = int(options.get("seed", 0))
+        self.seed = self.settings.seed
 
     def promise(self) -> Promise:
         """What this operator guarantees for this plan (starts from the plan's promise)."""
@@ -47,19 +71,8 @@ class Operator:
         return seeding.generator(self.seed, target.name)
 
     def describe_options(self) -> dict[str, Any]:
-        return {"seed": self.seed}
-
-
-def read_noise(options: dict[str, Any], default: float = 0.01) -> tuple[float, str]:
-    """The symmetry-breaking options every copy-initialised operator shares."""
-    noise = options.get("noise")
-    noise = default if noise is None else float(noise)
-    mode = options.get("noise_mode") or "exact"
-    if noise < 0 or not math.isfinite(noise):
-        raise UsageError(f"--noise must be a non-negative number, got {noise}")
-    if mode not in NOISE_MODES:
-        raise UsageError(f"unknown --noise-mode {mode!r}", hint="choose exact or plain")
-    return noise, mode
+        """The options in effect (defaults included), for the report and provenance."""
+        return self.settings.as_dict()
 
 
 def copy_maps(plan: Plan) -> tuple[RoleMaps, set[str]]:

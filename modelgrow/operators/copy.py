@@ -20,17 +20,18 @@ import torch
 from ..hookspecs import hookimpl
 from ..maps import AxisMap
 from ..plan import Promise, TargetTensor  # noqa: F401 (Promise in signatures)
-from .base import NOISE_MODES, Operator, copy_maps, read_noise  # noqa: F401 (mango imports NOISE_MODES from here)
+from .base import NoiseOptions, Operator, copy_maps
 
 
 
 class CopyOperator(Operator):
+    Options = NoiseOptions
     name = "copy"
     description = "exact function-preserving growth (tile, split, pad, identity blocks); stack/interleave depth"
 
     def __init__(self, plan, **options):
         super().__init__(plan, **options)
-        self.noise, self.noise_mode = read_noise(options)
+        self.noise, self.noise_mode = self.settings.noise, self.settings.noise_mode
         self.maps, self.head_norms = copy_maps(plan)
 
     def promise(self) -> Promise:
@@ -38,9 +39,6 @@ class CopyOperator(Operator):
         if self.noise > 0 and self.noise_mode == "plain":
             return dataclasses.replace(p, noise=False, notes=p.notes + ["plain noise: not exact by design"])
         return p
-
-    def describe_options(self):
-        return {**super().describe_options(), "noise": self.noise, "noise_mode": self.noise_mode}
 
     def tensor(self, target: TargetTensor) -> torch.Tensor:
         spec = target.spec

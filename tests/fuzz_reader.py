@@ -5,15 +5,21 @@ of two ways: the mutation was harmless and the checkpoint is read, or a Modelgro
 whose one-line message names the file. A different exception, a case that takes too
 long, or one that allocates far more than the files hold is a failure.
 
+This is a test tool, not part of the installed package: it lives in tests/ (on pytest's
+pythonpath, so tests import it as ``fuzz_reader``) and runs as a script.
+
 Each case starts from a small valid checkpoint (safetensors weights + config.json, built
 in memory, so the run needs no network and no model download), mutates one file of it
 (header bytes, the length field, data_offsets, dtypes, shapes, truncation, byte flips,
 hostile JSON, the shard index) and runs what a convert runs on it: open_source, read
 every tensor, plan a 2x growth and produce every grown tensor with the non-finite check
-(only the write to disk is left out; the writer has its own tests).
+(only the write to disk is left out; the writer has its own tests). The seed
+checkpoints' tensors come from the built-in architecture layouts (modelgrow/layouts/):
+every tensor a layout requires, named by its template and shaped by its axes' roles
+under a tiny config, so the fuzzer follows the layouts instead of repeating them.
 
-    python -m modelgrow.fuzz --cases 10000 --seed 0 [--json]
-    python -m modelgrow.fuzz --seed 0 --case 1234      # replay one case, verbosely
+    python tests/fuzz_reader.py --cases 10000 --seed 0 [--json]
+    python tests/fuzz_reader.py --seed 0 --case 1234      # replay one case, verbosely
 
 Cases are independent: case N of seed S always applies the same mutation, so a failure
 can be replayed alone. Time and memory are measured, not enforced with signals: the
@@ -41,7 +47,15 @@ from typing import Callable
 import torch
 from safetensors.torch import save as save_bytes
 
-from .errors import ModelgrowError
+from modelgrow import grow, plugins
+from modelgrow.architecture import Architecture
+from modelgrow.checkpoint.safetensors_format import SAFETENSORS_DTYPES
+from modelgrow.errors import ModelgrowError
+from modelgrow.layout import Layout, builtin_layout_paths
+from modelgrow.plan import GrowthSpec, make_plan
+from modelgrow.source import open_source
+
+PROG = "python tests/fuzz_reader.py"
 
 # A case may allocate this multiple of its files' total size plus a constant before it
 # counts as "allocating what a lying header asks for". Parsing a JSON header legitimately
@@ -73,98 +87,108 @@ def _rand(gen: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor
     return (0.1 * torch.randn(shape, generator=gen)).to(dtype)
 
 
-def _gpt2_tensors(gen, *, embd, layers, vocab, positions, dtype, prefix) -> dict[str, torch.Tensor]:
-    t = {f"{prefix}wte.weight": _rand(gen, vocab, embd, dtype=dtype),
-         f"{prefix}wpe.weight": _rand(gen, positions, embd, dtype=dtype)}
-    for i in range(layers):
-        p = f"{prefix}h.{i}."
-        t.update({
-            p + "ln_1.weight": 1 + _rand(gen, embd, dtype=dtype),
-            p + "ln_1.bias": _rand(gen, embd, dtype=dtype),
-            p + "attn.c_attn.weight": _rand(gen, embd, 3 * embd, dtype=dtype),
-            p + "attn.c_attn.bias": _rand(gen, 3 * embd, dtype=dtype),
-            p + "attn.c_proj.weight": _rand(gen, embd, embd, dtype=dtype),
-            p + "attn.c_proj.bias": _rand(gen, embd, dtype=dtype),
-            p + "ln_2.weight": 1 + _rand(gen, embd, dtype=dtype),
-            p + "ln_2.bias": _rand(gen, embd, dtype=dtype),
-            p + "mlp.c_fc.weight": _rand(gen, embd, 4 * embd, dtype=dtype),
-            p + "mlp.c_fc.bias": _rand(gen, 4 * embd, dtype=dtype),
-            p + "mlp.c_proj.weight": _rand(gen, 4 * embd, embd, dtype=dtype),
-            p + "mlp.c_proj.bias": _rand(gen, embd, dtype=dtype),
-        })
-    t[f"{prefix}ln_f.weight"] = 1 + _rand(gen, embd, dtype=dtype)
-    t[f"{prefix}ln_f.bias"] = _rand(gen, embd, dtype=dtype)
-    return t
+def builtin_layouts() -> dict[str, Layout]:
+    """The layouts modelgrow ships (modelgrow/layouts/*.json), by layout name."""
+    layouts = (Layout.from_file(p) for p in builtin_layout_paths())
+    return {layout.name: layout for layout in layouts}
 
 
-def _llama_tensors(gen, *, hidden, layers, heads, kv_heads, ffn, vocab, dtype) -> dict[str, torch.Tensor]:
-    head_dim = hidden // heads
-    t = {"model.embed_tokens.weight": _rand(gen, vocab, hidden, dtype=dtype)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        t.update({
-            p + "input_layernorm.weight": 1 + _rand(gen, hidden, dtype=dtype),
-            p + "self_attn.q_proj.weight": _rand(gen, heads * head_dim, hidden, dtype=dtype),
-            p + "self_attn.k_proj.weight": _rand(gen, kv_heads * head_dim, hidden, dtype=dtype),
-            p + "self_attn.v_proj.weight": _rand(gen, kv_heads * head_dim, hidden, dtype=dtype),
-            p + "self_attn.o_proj.weight": _rand(gen, hidden, heads * head_dim, dtype=dtype),
-            p + "post_attention_layernorm.weight": 1 + _rand(gen, hidden, dtype=dtype),
-            p + "mlp.gate_proj.weight": _rand(gen, ffn, hidden, dtype=dtype),
-            p + "mlp.up_proj.weight": _rand(gen, ffn, hidden, dtype=dtype),
-            p + "mlp.down_proj.weight": _rand(gen, hidden, ffn, dtype=dtype),
-        })
-    t["model.norm.weight"] = 1 + _rand(gen, hidden, dtype=dtype)
-    t["lm_head.weight"] = _rand(gen, vocab, hidden, dtype=dtype)
-    return t
+def layout_tensors(layout: Layout, config: dict, gen: torch.Generator, dtype: torch.dtype,
+                   *, prefixed: bool = True) -> dict[str, torch.Tensor]:
+    """Random tensors for what a checkpoint of ``layout`` with ``config`` stores.
+
+    Every required tensor of the layout, and of the optional ones only an output head
+    that the config's class has and does not tie; names from the layout's templates
+    (without its base_prefix unless ``prefixed``, as a bare base model stores them),
+    shapes from each axis's roles under ``layout.dims(config)``. Tensors are drawn from
+    ``gen`` in the layout's order (pre, each layer, post); norm gains are 1 + noise.
+    """
+    dims = layout.dims(config)
+    arch = Architecture(layout)
+    untied_head = bool(layout.tie and arch.class_info(config).get("tied_head") and not arch.has_tied_head(config))
+    kept = [s for s in layout.tensors if not s.optional or (untied_head and s.name == layout.tie["head"])]
+    places = [(s, None) for s in kept if s.section == "pre"]
+    places += [(s, layer) for layer in range(dims.layers) for s in kept if s.per_layer]
+    places += [(s, None) for s in kept if s.section == "post"]
+    prefix = "" if prefixed else layout.base_prefix
+    tensors = {}
+    for spec, layer in places:
+        shape = dims.axis_sizes(spec)
+        if None in shape:
+            raise ValueError(f"{layout.name} {spec.name}: an axis of {spec.axes} has a size the config does not give")
+        name = spec.render(layer)
+        name = name[len(prefix):] if prefix and name.startswith(prefix) else name
+        tensor = _rand(gen, *shape, dtype=dtype)
+        tensors[name] = 1 + tensor if spec.kind == "norm_weight" else tensor
+    return tensors
+
+
+def _save(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes whose ``__metadata__`` keys are in sorted order.
+
+    safetensors writes the metadata in hash-map order, which changes from one process to
+    the next; a seed's bytes must not, or a case replayed alone would mutate other bytes.
+    """
+    blob = save_bytes(tensors, metadata=metadata)
+    stored = json.dumps(split(blob)[0]["__metadata__"], separators=(",", ":")).encode()
+    ordered = json.dumps(dict(sorted(metadata.items())), separators=(",", ":")).encode()
+    return blob.replace(stored, ordered, 1)  # same keys and values: same length
 
 
 def _config(obj: dict) -> bytes:
     return json.dumps(obj, indent=2, sort_keys=True).encode()
 
 
+# Tiny configs of the seed checkpoints; the layouts turn them into tensors.
+GPT2_LM_TIED = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 8, "n_layer": 2,
+                "n_head": 2, "n_positions": 8, "vocab_size": 16, "n_inner": None,
+                "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 0}
+GPT2_BARE = {"model_type": "gpt2", "architectures": ["GPT2Model"], "n_embd": 8, "n_layer": 2,
+             "n_head": 2, "n_positions": 8, "vocab_size": 16, "layer_norm_epsilon": 1e-5,
+             "bos_token_id": 0, "eos_token_id": 0}
+LLAMA_GQA_UNTIED = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 8,
+                    "intermediate_size": 12, "num_hidden_layers": 1, "num_attention_heads": 2,
+                    "num_key_value_heads": 1, "head_dim": 4, "vocab_size": 16,
+                    "max_position_embeddings": 16, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+
+
 def build_seeds() -> list[Seed]:
     """Three small, valid checkpoints covering the reader's input forms and dtypes."""
+    layouts = builtin_layouts()
     gen = torch.Generator().manual_seed(0)
     seeds = []
 
-    # 1. GPT-2 LM head, float32, one file, tied head (stored once).
-    tensors = _gpt2_tensors(gen, embd=8, layers=2, vocab=16, positions=8, dtype=torch.float32, prefix="transformer.")
+    # 1. GPT-2 LM head, float32, one file, tied head (stored once), prefixed names.
+    tensors = layout_tensors(layouts["gpt2"], GPT2_LM_TIED, gen, torch.float32)
     seeds.append(Seed(
         "gpt2-f32",
-        {"model.safetensors": save_bytes(tensors, metadata={"format": "pt"}),
-         CONFIG: _config({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 8, "n_layer": 2,
-                          "n_head": 2, "n_positions": 8, "vocab_size": 16, "n_inner": None,
-                          "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True,
-                          "bos_token_id": 0, "eos_token_id": 0})},
+        {"model.safetensors": _save(tensors, {"format": "pt"}), CONFIG: _config(GPT2_LM_TIED)},
         ["", "model.safetensors"],
     ))
 
     # 2. Bare GPT2Model (no prefix), float16, three shards and an index.
-    tensors = _gpt2_tensors(gen, embd=8, layers=2, vocab=16, positions=8, dtype=torch.float16, prefix="")
+    tensors = layout_tensors(layouts["gpt2"], GPT2_BARE, gen, torch.float16, prefixed=False)
     names = sorted(tensors)
     shards = [names[0::3], names[1::3], names[2::3]]
     files, weight_map = {}, {}
     for i, part in enumerate(shards, start=1):
         fname = f"model-{i:05d}-of-00003.safetensors"
-        files[fname] = save_bytes({n: tensors[n] for n in part}, metadata={"format": "pt"})
+        files[fname] = _save({n: tensors[n] for n in part}, {"format": "pt"})
         weight_map.update(dict.fromkeys(part, fname))
     index = "model.safetensors.index.json"
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     files[index] = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2).encode()
-    files[CONFIG] = _config({"model_type": "gpt2", "architectures": ["GPT2Model"], "n_embd": 8, "n_layer": 2,
-                             "n_head": 2, "n_positions": 8, "vocab_size": 16, "layer_norm_epsilon": 1e-5,
-                             "bos_token_id": 0, "eos_token_id": 0})
+    files[CONFIG] = _config(GPT2_BARE)
     seeds.append(Seed("gpt2-f16-sharded", files, ["", index], index=index))
 
     # 3. Llama with grouped-query attention, bfloat16, untied head, two metadata keys.
-    tensors = _llama_tensors(gen, hidden=8, layers=1, heads=2, kv_heads=1, ffn=12, vocab=16, dtype=torch.bfloat16)
+    # "origin" keeps the fuzzer's old module name, so that the seed bytes, and with them
+    # the cases of a seed, stay the old fuzzer's (with its metadata in sorted order).
+    tensors = layout_tensors(layouts["llama"], LLAMA_GQA_UNTIED, gen, torch.bfloat16)
     seeds.append(Seed(
         "llama-bf16",
-        {"model.safetensors": save_bytes(tensors, metadata={"format": "pt", "origin": "modelgrow.fuzz"}),
-         CONFIG: _config({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 8,
-                          "intermediate_size": 12, "num_hidden_layers": 1, "num_attention_heads": 2,
-                          "num_key_value_heads": 1, "head_dim": 4, "vocab_size": 16,
-                          "max_position_embeddings": 16, "rms_norm_eps": 1e-6, "tie_word_embeddings": False})},
+        {"model.safetensors": _save(tensors, {"format": "pt", "origin": "modelgrow.fuzz"}),
+         CONFIG: _config(LLAMA_GQA_UNTIED)},
         ["", "model.safetensors"],
     ))
     return seeds
@@ -309,8 +333,6 @@ def m_dtype(rng: random.Random, seed: Seed, file: str) -> Mutation:
 
 
 def _itemsize_dtype(code) -> torch.dtype | None:
-    from .checkpoint.safetensors_format import SAFETENSORS_DTYPES
-
     return SAFETENSORS_DTYPES.get(code) if isinstance(code, str) else None
 
 
@@ -564,10 +586,6 @@ class _NullWriter:
 
 def probe(entry: Path) -> None:
     """Run what a convert runs on a checkpoint, short of writing the result."""
-    from . import grow, plugins
-    from .plan import GrowthSpec, make_plan
-    from .source import open_source
-
     with open_source(entry) as source:
         for name in source.checkpoint.names():  # ignored tensors too, not only bound ones
             source.checkpoint.get(name)
@@ -739,8 +757,8 @@ def run(cases: int, seed: int = 0, *, deadline_ms: float = DEFAULT_DEADLINE_MS, 
     """
     check = check or probe
     seeds = build_seeds()
-    argv = f"python -m modelgrow.fuzz --cases {cases} --seed {seed}"
-    summary = Summary(command=argv if only is None else f"python -m modelgrow.fuzz --seed {seed} --case {only}",
+    argv = f"{PROG} --cases {cases} --seed {seed}"
+    summary = Summary(command=argv if only is None else f"{PROG} --seed {seed} --case {only}",
                       cases=0, deadline_ms=deadline_ms)
     started = time.perf_counter()
     was_tracing = tracemalloc.is_tracing()
@@ -796,7 +814,7 @@ def _tally(summary: Summary, r: CaseResult, mutator: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m modelgrow.fuzz",
+        prog=PROG,
         description="Fuzz modelgrow's checkpoint reader with mutated safetensors checkpoints.",
     )
     parser.add_argument("--cases", type=int, default=1000, help="number of cases (default 1000)")

@@ -5,10 +5,23 @@ built-in architectures)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
+from .options import Options, option
 from .source import SourceModel, load_module
+
+
+class VerifyOptions(Options):
+    """How `modelgrow verify` runs the two models."""
+
+    kind = "verify"
+
+    config: Path | None = option(None, "config.json of SOURCE, when not beside it.")
+    batch: int = option(2, "Rows of random inputs.", ge=1, le=1024, strict=True)
+    seq: int = option(16, "Tokens per row (at most the model's positions).", ge=1, le=65536, strict=True)
+    seed: int = option(0, "Seed of the random inputs.", strict=True)
 
 # Max abs difference allowed, relative to max(1, largest reference output), by the
 # dtype the weights are stored in: fp32 round-off is ~1e-6, half precision far coarser.
@@ -29,6 +42,11 @@ class VerifyResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        import json
+
+        return json.dumps(self.as_dict(), indent=indent)
 
 
 def stored_dtype(source: SourceModel) -> torch.dtype:

@@ -1,7 +1,7 @@
 """`modelgrow train`: continue training a (grown) checkpoint, full-rank or with ReLoRA.
 
-One loop for both modes, on the runtime the LiGO fit pass uses (modelgrow.runtime:
-batches and losses, device, bf16 autocast on CUDA, torchrun data parallelism with a
+One loop for both modes: the engine's (modelgrow.engine), shared with the fit pass
+(batches and losses, device, bf16 autocast on CUDA, torchrun data parallelism with a
 flat gradient all-reduce, rank 0 alone writes):
 
 - AdamW over the trainable parameters (weight decay on matrices and embeddings, not on
@@ -32,176 +32,32 @@ flat gradient all-reduce, rank 0 alone writes):
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, corpus
+from . import corpus, seeding, train_state
+from .version import __version__
 from .checkpoint import CheckpointWriter, parse_size
+from .destination import check_destination
+from .engine import state as step_state
+from .engine.device import peak_memory, precision, prepare_device, resolve_device
+from .engine.distributed import Dist, is_writer
+from .engine.loop import Loop
+from .engine.objective import LMObjective, lm_task, load_data, mask_token_id, mean_loss, tokenizer_file, window_length
 from .errors import InputError, OutputError, UsageError
-from .grow import _check_destination
-from .relora import add_adapters, adapter_targets, jagged_cosine, prune_moments, remove_adapters
+from .plots import plot_curves, require_matplotlib
+from .relora import add_adapters, adapter_targets, prune_moments, remove_adapters
 from .report import write_report
-from .runtime import (
-    lm_task, window_length,
-    Dist, LMObjective, autocast, grad_norm, is_writer, load_data, mask_token_id, mean_loss,
-    peak_memory, precision, prepare_device, resolve_device, sync_grads, tokenizer_file,
-)
+from .train_options import RESUME_FREE, TrainOptions, TrainRun, checkpoints_dir, restart_generator
 from .source import SourceModel, load_module, open_source
-from . import train_state
-
-# Options that do not change the trajectory: a resumed run may give other values.
-RESUME_FREE = ("save_every", "plot", "device", "data", "val_data", "tokenizer")
-
-
-@dataclass
-class TrainOptions:
-    """Every knob of a training run; all of them end up in the report."""
-
-    data: list[str] | None = None
-    val_data: list[str] | None = None  # None: the last val_fraction of data is held out
-    val_fraction: float = 0.05
-    steps: int = 1000
-    lr: float = 1e-3
-    warmup: int | None = None  # None: 10% of the steps, at most relora_every
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    batch_size: int = 16  # global: split across data-parallel ranks
-    seq_len: int | None = None  # None: min(128, the model's positions)
-    seed: int = 0
-    device: str = "auto"
-    grad_clip: float = 1.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    eval_every: int | None = None  # None: steps // 10 (0: only before and after)
-    eval_batches: int = 8
-    relora: bool = False
-    rank: int = 128
-    alpha: float = 32.0
-    adapter_dropout: float = 0.1
-    relora_every: int = 500
-    restart_warmup: int = 50
-    optimizer_prune: float = 0.9  # magnitude ratio of adapter moments zeroed; >= 1: full reset
-    save_every: int | None = None
-    tokenizer: str | None = None
-    plot: str | None = None
-    mask_rate: float = 0.15
-    mask_token_id: int | None = None
-    bin_dtype: str | None = None
-
-    @classmethod
-    def from_dict(cls, options: dict[str, Any] | None) -> TrainOptions:
-        options = dict(options or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise UsageError(f"unknown train option(s): {', '.join(unknown)}")
-        given = {k: v for k, v in options.items() if v is not None}
-        for key in ("data", "val_data"):
-            if isinstance(given.get(key), (str, os.PathLike)):
-                given[key] = [given[key]]
-            if key in given:
-                given[key] = [str(p) for p in given[key]] or None
-        for key in ("tokenizer", "plot"):
-            if key in given:
-                given[key] = str(given[key])
-        if "betas" in given:
-            given["betas"] = tuple(float(b) for b in given["betas"])
-        out = cls(**given)
-        out.validate()
-        return out
-
-    def validate(self) -> None:
-        def need(ok: bool, what: str, hint: str | None = None) -> None:
-            if not ok:
-                raise UsageError(what, hint=hint)
-
-        def whole(value, minimum: int) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-        need(bool(self.data), "no training data given", "pass --data FILE (text, .npy or .bin ids)")
-        need(whole(self.steps, 1), f"--steps must be a whole number >= 1, got {self.steps!r}")
-        need(math.isfinite(self.lr) and self.lr > 0, f"--lr must be positive, got {self.lr}")
-        need(whole(self.batch_size, 1), f"--batch-size must be >= 1, got {self.batch_size}")
-        need(self.seq_len is None or whole(self.seq_len, 1), f"--seq-len must be >= 1, got {self.seq_len}")
-        need(self.warmup is None or whole(self.warmup, 0), f"--warmup must be >= 0, got {self.warmup}")
-        need(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        need(0 <= self.weight_decay < 1, f"--weight-decay must be in [0, 1), got {self.weight_decay}")
-        need(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        need(self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}")
-        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-             f"--betas must be two numbers in [0, 1), got {self.betas}")
-        need(self.eval_every is None or whole(self.eval_every, 0), f"--eval-every must be >= 0, got {self.eval_every}")
-        need(whole(self.eval_batches, 0), f"--eval-batches must be >= 0, got {self.eval_batches}")
-        need(self.save_every is None or whole(self.save_every, 1), f"--save-every must be >= 1, got {self.save_every}")
-        need(0 < self.mask_rate < 1, f"mask_rate must be in (0, 1), got {self.mask_rate}")
-        if not self.relora:
-            return
-        need(whole(self.rank, 1), f"--rank must be >= 1, got {self.rank}")
-        need(math.isfinite(self.alpha) and self.alpha > 0, f"--alpha must be positive, got {self.alpha}")
-        need(0 <= self.adapter_dropout < 1, f"--adapter-dropout must be in [0, 1), got {self.adapter_dropout}")
-        need(whole(self.relora_every, 1), f"--relora-every must be >= 1, got {self.relora_every}")
-        need(whole(self.restart_warmup, 0) and self.restart_warmup < self.relora_every,
-             f"--restart-warmup must be in [0, --relora-every), got {self.restart_warmup}")
-        need(self.optimizer_prune >= 0, f"--optimizer-prune must be >= 0, got {self.optimizer_prune}")
-        need(self.warmup is None or self.warmup <= self.relora_every,
-             f"--warmup {self.warmup} is longer than --relora-every {self.relora_every}",
-             "the first warmup must end before the first restart")
-
-    @property
-    def warmup_steps(self) -> int:
-        default = self.steps // 10
-        if self.relora:
-            default = min(default, self.relora_every)
-        return default if self.warmup is None else min(self.warmup, self.steps)
-
-    @property
-    def eval_interval(self) -> int:
-        return self.steps // 10 if self.eval_every is None else self.eval_every
-
-    @property
-    def cycle(self) -> int | None:
-        return self.relora_every if self.relora else None
-
-    def lr_factor(self, step: int) -> float:
-        """Multiplier of ``lr`` at 0-based ``step``."""
-        return jagged_cosine(step, self.steps, self.warmup_steps, self.cycle, self.restart_warmup, self.min_lr_ratio)
-
-    def restart_after(self, step: int) -> bool:
-        """ReLoRA merges right after step k·relora_every (k >= 1): the one taken at LR 0."""
-        return self.relora and step > 0 and step % self.relora_every == 0
-
-    def as_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["betas"] = list(self.betas)
-        return out
-
-
-def _seed(*parts) -> int:
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def restart_generator(seed: int, restart: int) -> torch.Generator:
-    """A's generator for a restart: the same on every rank, and on a resumed run."""
-    return torch.Generator().manual_seed(_seed("relora-A", seed, restart))
-
-
-def checkpoints_dir(dest: str | Path) -> Path:
-    """Where --save-every writes: beside OUT, so OUT appears only when complete."""
-    dest = Path(dest)
-    return dest.parent / f"{dest.name}-checkpoints"
-
 
 def train(checkpoint: str | Path, dest: str | Path, options: TrainOptions | dict[str, Any], *, overwrite: bool = False,
           resume: str | Path | None = None, progress: bool = True, report_path: str | Path | None = None,
@@ -212,12 +68,11 @@ def train(checkpoint: str | Path, dest: str | Path, options: TrainOptions | dict
     Under torchrun every rank trains; rank 0 alone writes.
     """
     started = time.perf_counter()
-    opts = options if isinstance(options, TrainOptions) else TrainOptions.from_dict(options)
-    opts.validate()
+    opts = TrainOptions.parse(options)
     dest = Path(dest)
     max_shard_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     with open_source(checkpoint, config_path) as source:
-        _check_destination(source, dest)
+        check_destination(source, dest)
         trainer = Trainer(source, opts, dest, resume=resume, overwrite=overwrite, report_path=report_path,
                           max_shard_bytes=max_shard_bytes)
         if not is_writer():
@@ -229,7 +84,7 @@ def train(checkpoint: str | Path, dest: str | Path, options: TrainOptions | dict
                             "files": [{"name": f.path, "bytes": f.bytes, "sha256": f.sha256} for f in files]}
     if opts.plot:
         plot_curves(report, opts.plot)
-        report["plot"] = opts.plot
+        report["plot"] = str(opts.plot)
     report["wall_s"] = time.perf_counter() - started
     write_report(report, report_path)
     return report
@@ -253,10 +108,11 @@ class Trainer:
             if path is not None and not Path(path).parent.is_dir():
                 raise OutputError(f"{what}: folder {Path(path).parent} does not exist", path=path)
         if o.plot:
-            _require_matplotlib()
+            require_matplotlib()
         self._load_data()
         self._fingerprints: dict | None = None
-        self.resume_from = train_state.find_state(resume) if resume is not None else None
+        self.saved: list[str] = []  # step folders written
+        self.resume_from = step_state.find_state(resume) if resume is not None else None
         self.state = self._check_resume() if self.resume_from else None
         if o.save_every and not self.state and not overwrite and checkpoints_dir(dest).exists():
             raise OutputError("exists; pass --overwrite to replace its step folders, or --resume from one",
@@ -311,13 +167,13 @@ class Trainer:
     def fingerprints(self) -> dict:
         """What a resume checks the data against; hashed once (big data takes seconds)."""
         if self._fingerprints is None:
-            self._fingerprints = {"train": train_state.fingerprint(self.train_data.tokens),
-                                  "val": train_state.fingerprint(self.val_data.tokens) if self.val_data is not None else None}
+            self._fingerprints = {"train": step_state.fingerprint(self.train_data.tokens),
+                                  "val": step_state.fingerprint(self.val_data.tokens) if self.val_data is not None else None}
         return self._fingerprints
 
     def _check_resume(self) -> dict:
-        state = train_state.read_state(self.resume_from)
-        where = self.resume_from / train_state.STATE_DIR / train_state.STATE_JSON
+        state = step_state.read_state(self.resume_from)
+        where = self.resume_from / step_state.STATE_DIR / step_state.STATE_JSON
         mine, theirs = self.options.as_dict(), state.get("options", {})
         differ = [k for k in mine if k not in RESUME_FREE and mine[k] != theirs.get(k)]
         if differ:
@@ -343,9 +199,7 @@ class Trainer:
 
     def settings(self) -> dict:
         o = self.options
-        schedule = f"linear warmup, cosine to {o.min_lr_ratio:g} x lr"
-        if o.relora:
-            schedule += f"; LR 0 at every {o.relora_every}th step, then re-warm over {o.restart_warmup}"
+        schedule = o.schedule().describe()
         return {
             "mode": "relora" if o.relora else "full-rank", "task": self.task, "warmup": o.warmup_steps,
             "eval_every": o.eval_interval, "seq_len": self.seq_len, "per_rank_batch": o.batch_size // self.dist.world,
@@ -382,80 +236,49 @@ class Trainer:
         trainable = [p for _, p in named]
         groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": o.weight_decay},
                   {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]  # norms, biases
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-        sampler = corpus.WindowSampler(self.train_data, self.seq_len, o.seed)
-        mask_gen = torch.Generator().manual_seed(o.seed + 3_000_017)
         val_set = self._val_set()
-        h = {"loss_curve": [], "lr_curve": [], "grad_norm_curve": [], "val_curve": [], "restarts": [], "saved": []}
-        start = 0
-        if self.state is not None:
-            start = self._restore(weights, adapters, named, optimizer, sampler, mask_gen, h)
-        trainable_params = sum(p.numel() for p in trainable)
+        restarts: list[dict] = []
 
-        def logits(batch):
-            return self.arch.call(module, self.config, self.arch.model_inputs(self.config, batch))
+        def loss_sum(batch):
+            logits = self.arch.call(module, self.config, self.arch.model_inputs(self.config, batch))
+            return self.objective.loss_sum(logits, batch)
 
-        @torch.no_grad()
-        def evaluate(done: int) -> None:
+        def evaluate() -> float | None:
             if not val_set:
-                return
+                return None
             module.eval()  # no dropout while scoring
-            with autocast(device):
-                loss = mean_loss(dist, device, val_set, lambda b: self.objective.loss_sum(logits(b), b))
+            loss = mean_loss(dist, device, val_set, loss_sum)
             module.train()
-            h["val_curve"].append([done, loss])
+            return loss
 
+        def after_step(step: int) -> None:
+            if o.restart_after(step):
+                restarts.append(self._restart(adapters, loop.optimizer, step, len(restarts) + 1, device))
+
+        loop = Loop(options=o, groups=[g for g in groups if g["params"]], objective=self.objective,
+                    sampler=corpus.WindowSampler(self.train_data, self.seq_len, o.seed),
+                    mask_gen=torch.Generator().manual_seed(o.seed + 3_000_017), dist=dist, device=device,
+                    loss_sum=loss_sum, schedule=o.schedule(), evaluate=evaluate, eval_every=o.eval_interval,
+                    before_step=lambda step: torch.manual_seed(seeding.torch_seed("dropout", o.seed, dist.rank, step)),
+                    after_step=after_step, save_every=o.save_every,
+                    save=lambda done: self._save(done, loop, weights, adapters, named, restarts))
+        start = self._restore(loop, weights, adapters, named, restarts) if self.state is not None else 0
+        trainable_params = sum(p.numel() for p in trainable)
         if show:
             tqdm.write(f"train ({'ReLoRA' if o.relora else 'full-rank'}): steps={o.steps}, lr={o.lr:g}, "
                        f"warmup={o.warmup_steps}, batch={o.batch_size}x{self.seq_len}, device={device} x{dist.world}, "
                        f"trainable={trainable_params:,} of {total_params:,} parameters", file=sys.stderr)
         module.train()
-        if start == 0:
-            evaluate(0)
-        step_times: list[float] = []
-        bar = tqdm(range(start, o.steps), desc="training", unit="step", disable=not show, leave=False,
-                   initial=start, total=o.steps)
-        for step in bar:
-            t_step = time.perf_counter()
-            torch.manual_seed(_seed("dropout", o.seed, dist.rank, step))
-            batch = self.objective.batch(sampler.windows(o.batch_size), mask_gen)
-            local = dist.local(batch, device)
-            with autocast(device):
-                loss = self.objective.loss_sum(logits(local), local) / batch["count"]
-            loss.backward()
-            sync_grads(dist, trainable)
-            norm = torch.nn.utils.clip_grad_norm_(trainable, o.grad_clip) if o.grad_clip > 0 else grad_norm(trainable)
-            lr = o.lr * o.lr_factor(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            value = float(dist.sum_(loss.detach().double()))
-            if not math.isfinite(value):
-                raise UsageError(f"training diverged at step {step}: loss {value}",
-                                 hint="lower --lr or lengthen --warmup; nothing was written")
-            h["loss_curve"].append(value)
-            h["lr_curve"].append(lr)
-            h["grad_norm_curve"].append(float(norm))
-            if o.restart_after(step):
-                h["restarts"].append(self._restart(adapters, optimizer, step, len(h["restarts"]) + 1, device))
-            step_times.append(time.perf_counter() - t_step)
-            bar.set_postfix(loss=f"{value:.4f}")
-            done = step + 1
-            if done == o.steps or (o.eval_interval and done % o.eval_interval == 0):
-                evaluate(done)
-            if o.save_every and done % o.save_every == 0 and done < o.steps:
-                self._save(done, weights, adapters, named, optimizer, sampler, mask_gen, h)
-        bar.close()
-        opt_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+        h = loop.run(start=start, show=show)
+        opt_bytes = loop.optimizer_state_bytes()
         if adapters:
             remove_adapters(module)  # merged in place: a dense model again
         if writer is not None:
             train_state.write_dense(writer, self.source, weights, [])
-        loop_s = sum(step_times)
-        steps_run = len(step_times)
-        val = [v for _, v in h["val_curve"]]
-        report = {
+        loop_s = sum(h.step_times)
+        steps_run = len(h.step_times)
+        val = [v for _, v in h.val_curve]
+        return {
             "modelgrow_version": __version__,
             "command": "train",
             "source": {"path": str(self.source.path), "params": self.source.param_count(),
@@ -467,24 +290,23 @@ class Trainer:
                      "val": None if self.val_data is None else {"tokens": len(self.val_data), "from": self.val_source,
                                                                  "windows": len(val_set) * o.batch_size}},
             "steps": o.steps,
-            "loss_curve": h["loss_curve"], "lr_curve": h["lr_curve"], "grad_norm_curve": h["grad_norm_curve"],
-            "val_curve": h["val_curve"],
-            "val_loss": {"before": val[0] if val and h["val_curve"][0][0] == 0 else None, "after": val[-1] if val else None},
+            "loss_curve": h.loss_curve, "lr_curve": h.lr_curve, "grad_norm_curve": h.grad_norm_curve,
+            "val_curve": h.val_curve,
+            "val_loss": {"before": val[0] if val and h.val_curve[0][0] == 0 else None, "after": val[-1] if val else None},
             "tokens_seen": o.steps * o.batch_size * self.seq_len,
             "total_params": total_params,
             "trainable_params": trainable_params,
             "optimizer_state_bytes": opt_bytes,
-            "restarts": len(h["restarts"]),
-            "relora": self._relora_report(adapters, h["restarts"]) if o.relora else None,
-            "saved": h["saved"],
+            "restarts": len(restarts),
+            "relora": self._relora_report(adapters, restarts) if o.relora else None,
+            "saved": self.saved,
             "resumed_from": {"path": str(self.resume_from), "step": start} if self.state else None,
-            "step_times": step_times,
+            "step_times": h.step_times,
             "step_s": loop_s / steps_run if steps_run else None,
             "tokens_per_s": steps_run * o.batch_size * self.seq_len / loop_s if loop_s > 0 else None,
             "wall_s": time.perf_counter() - started,
             "peak_memory": peak_memory(device),
         }
-        return report
 
     def _val_set(self) -> list[dict]:
         """Fixed global batches from windows evenly spaced over the held-out split."""
@@ -528,105 +350,46 @@ class Trainer:
 
     # -- step checkpoints and resume -----------------------------------------------------
 
-    def _save(self, done, weights, adapters, named, optimizer, sampler, mask_gen, h) -> None:
+    def _save(self, done: int, loop: Loop, weights, adapters, named, restarts) -> None:
         folder = checkpoints_dir(self.dest) / f"step-{done}"
-        h["saved"].append(str(folder))
+        self.saved.append(str(folder))
         if self.dist.rank != 0:
             return  # every rank holds the same state; rank 0 writes it
         tensors = {f"param/{k}": p.detach().float() for k, p in weights.named}
-        for name, p in named:
-            if ":lora_" in name:
-                tensors[f"adapter/{name}"] = p.detach()
-            state = optimizer.state.get(p)
-            if state:
-                tensors[f"exp_avg/{name}"] = state["exp_avg"]
-                tensors[f"exp_avg_sq/{name}"] = state["exp_avg_sq"]
-                tensors[f"adam_step/{name}"] = state["step"]
-        tensors["rng/windows"] = sampler.generator.get_state()
-        tensors["rng/masks"] = mask_gen.get_state()
+        tensors.update({f"adapter/{name}": p.detach() for name, p in named if ":lora_" in name})
+        tensors.update(step_state.capture(named, loop.optimizer, self._generators(loop)))
+        h = loop.history
+        history = {"loss_curve": h.loss_curve, "lr_curve": h.lr_curve, "grad_norm_curve": h.grad_norm_curve,
+                   "val_curve": h.val_curve, "restarts": restarts}
         state = {
-            "format": train_state.STATE_FORMAT, "version": train_state.STATE_VERSION, "step": done,
+            "format": step_state.STATE_FORMAT, "version": step_state.STATE_VERSION, "step": done,
             "options": self.options.as_dict(), "fingerprints": self.fingerprints(), "seq_len": self.seq_len,
             "source": str(self.source.path), "source_params": self.source.param_count(), "world_size": self.dist.world,
-            "history": {k: v for k, v in h.items() if k != "saved"},
+            "history": history,
         }
         checkpoints_dir(self.dest).mkdir(exist_ok=True)
         train_state.save_step(folder, self.source, weights, adapters, tensors, state,
                               max_shard_bytes=self.max_shard_bytes, metadata=self.metadata())
 
-    def _restore(self, weights, adapters, named, optimizer, sampler, mask_gen, h) -> int:
-        tensors = train_state.read_tensors(self.resume_from)
-        where = self.resume_from / train_state.STATE_DIR / train_state.STATE_TENSORS
-
-        def get(key: str, like: torch.Tensor | None = None) -> torch.Tensor:
-            if key not in tensors:
-                raise InputError(f"training state lacks {key!r}", path=where)
-            t = tensors[key]
-            if like is not None and t.shape != like.shape:
-                raise InputError(f"training state {key!r} is {list(t.shape)}, the run needs {list(like.shape)}", path=where)
-            return t
-
+    def _restore(self, loop: Loop, weights, adapters, named, restarts) -> int:
+        saved = step_state.StateTensors(self.resume_from)
         with torch.no_grad():
             for k, p in weights.named:
-                p.copy_(get(f"param/{k}", p))
+                p.copy_(saved.get(f"param/{k}", p))
             for name, p in named:
                 if ":lora_" in name:
-                    p.copy_(get(f"adapter/{name}", p))
-                if f"adam_step/{name}" in tensors:
-                    optimizer.state[p] = {"step": get(f"adam_step/{name}").clone(),
-                                          "exp_avg": get(f"exp_avg/{name}", p).to(p.device, p.dtype),
-                                          "exp_avg_sq": get(f"exp_avg_sq/{name}", p).to(p.device, p.dtype)}
-        sampler.generator.set_state(get("rng/windows"))
-        mask_gen.set_state(get("rng/masks"))
+                    p.copy_(saved.get(f"adapter/{name}", p))
+        saved.restore(named, loop.optimizer, self._generators(loop))
         history = self.state["history"]
-        for key in ("loss_curve", "lr_curve", "grad_norm_curve", "val_curve", "restarts"):
-            h[key] = list(history.get(key, []))
+        h = loop.history
+        h.loss_curve, h.lr_curve = list(history.get("loss_curve", [])), list(history.get("lr_curve", []))
+        h.grad_norm_curve, h.val_curve = list(history.get("grad_norm_curve", [])), list(history.get("val_curve", []))
+        restarts.extend(history.get("restarts", []))
         return int(self.state["step"])
 
-
-# -- the plot ---------------------------------------------------------------------------------
-
-
-def _require_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UsageError("--plot needs matplotlib, which is not installed",
-                         hint="pip install 'modelgrow[plot]'") from None
-
-
-def plot_curves(report: dict, path: str | Path) -> None:
-    """Train and validation loss against steps done, ReLoRA merges marked; PNG, atomically."""
-    _require_matplotlib()
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    train = report["loss_curve"]
-    ax.plot(range(len(train)), train, lw=0.8, alpha=0.8, label="train (per step)")
-    if report["val_curve"]:
-        xs, ys = zip(*report["val_curve"])
-        ax.plot(xs, ys, "o-", lw=1.5, ms=3, label="validation (held out)")
-    for i, r in enumerate((report.get("relora") or {}).get("restarts", [])):
-        ax.axvline(r["after_step"] + 1, color="grey", ls=":", lw=1, label="ReLoRA merge" if i == 0 else None)
-    ax.set_xlabel("steps done")
-    ax.set_ylabel("loss (nats per token)")
-    ax.set_title(f"modelgrow train ({report['mode']}): {Path(report['source']['path']).name}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputError(f"cannot write the plot: {exc.strerror or exc}", path=path) from None
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    @staticmethod
+    def _generators(loop: Loop) -> dict[str, torch.Generator]:
+        return {"windows": loop.sampler.generator, "masks": loop.mask_gen}
 
 
 __all__ = ["TrainOptions", "train", "Trainer", "plot_curves", "checkpoints_dir", "restart_generator"]

@@ -1,0 +1,116 @@
+"""The public Python API: everything the command line does, as calls.
+
+    import modelgrow
+
+    grown = modelgrow.convert("small/", "grown/", width="2x", depth="2x")
+    assert grown.exact and grown.verified
+    trained = modelgrow.train("grown/", "trained/", data=["corpus.txt"], steps=200)
+    modelgrow.export("trained/", "trained.onnx")
+
+Every keyword is an option declared once (modelgrow.options): the same names, checks
+and defaults as the flags of the matching command. Results are typed (modelgrow.results)
+and serialise to the JSON report schemas. The CLI parses, calls these and prints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import grow, trainer
+from .compare import VerifyOptions, VerifyResult, compare
+from .describe import describe
+from .errors import UsageError, VerificationError
+from .onnx_export import ExportOptions, export_onnx, preflight
+from .fit import FitOptions
+from .grow import ConvertOptions
+from .plan import GrowthSpec
+from .results import ConvertResult, ExportResult, TrainResult
+from .source import open_source
+from .train_options import TrainOptions, TrainRun
+
+PathLike = str | Path
+
+
+def convert(source: PathLike, dest: PathLike | None = None, spec: GrowthSpec | dict | None = None, *,
+            operator: str = "copy", operator_options: dict[str, Any] | None = None,
+            fit: FitOptions | dict[str, Any] | None = None, progress: bool = False, **options: Any) -> ConvertResult:
+    """Grow the checkpoint at ``source`` into the folder ``dest``.
+
+    ``options`` are GrowthSpec fields (``width``, ``depth``, ``heads``, ``kv_heads``,
+    ``ffn``, ``depth_mode``) and ConvertOptions fields (``verify``, ``dry_run``,
+    ``overwrite``, ``max_shard_size``, ``report``, ``onnx``, ...). ``operator_options``
+    are the operator's own (``noise``, ``seed``, ``rank``, ...), ``fit`` a learned
+    operator's FitOptions. With ``onnx`` the grown model is also exported and checked.
+    """
+    sizes = {k: options.pop(k) for k in list(options) if k in GrowthSpec.model_fields}
+    spec = GrowthSpec.parse(spec, **sizes)
+    run = ConvertOptions.parse(options)
+    if dest is None and not run.dry_run:
+        raise UsageError("give -o/--output, or --dry-run to only print the plan")
+    if run.onnx is not None and not run.dry_run:
+        preflight(run.onnx, overwrite=run.overwrite)  # refuse before growing, not after
+    report = grow.convert(
+        source, None if run.dry_run else dest, spec, operator=operator, operator_options=operator_options,
+        config_path=run.config, max_shard_size=run.max_shard_size, overwrite=run.overwrite, verify=run.verify,
+        dry_run=run.dry_run, allow_nonfinite=run.allow_nonfinite, report_path=run.report, progress=progress,
+        fit_options=fit,
+    )
+    onnx = None
+    if run.onnx is not None and "output" in report:
+        onnx = export(dest, run.onnx, overwrite=run.overwrite)
+    return ConvertResult(report, onnx=onnx)
+
+
+def verify(source: PathLike, grown: PathLike, *, check: bool = False, **options: Any) -> VerifyResult:
+    """Run ``source`` and ``grown`` on the same random inputs and compare their outputs.
+
+    ``check=True`` raises VerificationError (exit code 4 on the CLI) when they differ.
+    """
+    o = VerifyOptions.parse(options)
+    with open_source(source, o.config) as s, open_source(grown) as g:
+        result = compare(s, g, batch=o.batch, seq=o.seq, seed=o.seed)
+    if check and not result.passed:
+        raise VerificationError(f"outputs differ from {source} by {result.max_abs_diff:.3g} "
+                                f"(tolerance {result.tolerance:.3g})", path=grown)
+    return result
+
+
+def train(source: PathLike, dest: PathLike, options: TrainOptions | dict[str, Any] | None = None, *,
+          progress: bool = False, **fields: Any) -> TrainResult:
+    """Continue training ``source`` and write the dense result to ``dest``.
+
+    ``options``/``fields`` are TrainOptions (``data``, ``steps``, ``lr``, ``relora``, ...)
+    and TrainRun fields (``resume``, ``overwrite``, ``report``, ``config``, ``max_shard_size``).
+    """
+    given = options.model_dump(exclude_unset=True) if isinstance(options, TrainOptions) else dict(options or {})
+    given.update(fields)
+    where = TrainRun.parse({k: given.pop(k) for k in list(given) if k in TrainRun.model_fields})
+    report = trainer.train(source, dest, TrainOptions.parse(given), overwrite=where.overwrite, resume=where.resume,
+                           progress=progress, report_path=where.report, config_path=where.config,
+                           max_shard_size=where.max_shard_size)
+    return TrainResult(report)
+
+
+def export(source: PathLike, dest: PathLike, **options: Any) -> ExportResult:
+    """Export ``source`` to the ONNX file ``dest`` and check it with onnxruntime.
+
+    ``options`` are ExportOptions fields: ``opset``, ``check``, ``external_data``,
+    ``overwrite``, ``config``, ``report``.
+    """
+    o = ExportOptions.parse(options)
+    report = export_onnx(source, dest, opset=o.opset, check=o.check, external_data=o.external_data,
+                         overwrite=o.overwrite, config_path=o.config)
+    result = ExportResult(report)
+    if o.report is not None:
+        result.write(o.report)
+    return result
+
+
+def inspect(path: PathLike, *, config: PathLike | None = None, tensors: bool = False) -> dict[str, Any]:
+    """A checkpoint's architecture, sizes, parameter count (and every tensor's axis roles)."""
+    return describe(path, config, tensors=tensors)
+
+
+__all__ = ["convert", "verify", "train", "export", "inspect", "ConvertResult", "TrainResult", "ExportResult",
+           "VerifyResult", "GrowthSpec", "FitOptions", "TrainOptions"]

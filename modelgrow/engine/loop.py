@@ -1,0 +1,166 @@
+"""The one optimisation loop behind the fit pass and `modelgrow train`.
+
+A pass supplies what differs — the tensors to optimise, the summed loss of a local
+batch, what to do before and after a step (dropout seeds, ReLoRA merges), how to score
+held-out data and how to save a resumable step — and the loop does the rest the same
+way for both: global batches split over ranks, bf16 autocast on CUDA, one flat
+gradient all-reduce, clipping, the learning-rate schedule, AdamW, divergence checks,
+curves, progress and timing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import UsageError
+from ..options import Options, option
+from .device import autocast
+from .distributed import Dist, grad_norm, sync_grads
+from .objective import LMObjective
+from .schedule import Schedule
+
+
+class LoopOptions(Options):
+    """What every optimisation pass takes; the fit and train groups set their own defaults."""
+
+    data: list[Path] | None = option(None, "Data: text (tokenised with --tokenizer), .npy ids, or raw .bin ids "
+                                           "(uint16, uint32 past 65,536 ids); repeat for more files.")
+    steps: int = option(1000, "Optimiser steps.", ge=1, strict=True)
+    lr: float = option(1e-3, "Peak learning rate: AdamW, linear warmup, cosine to the floor.", gt=0, allow_inf_nan=False)
+    warmup: int | None = option(None, "Warmup steps [default: 10% of the steps].", ge=0, strict=True)
+    min_lr_ratio: float = option(0.1, "Where the cosine ends, as a fraction of the peak learning rate.", ge=0, le=1)
+    weight_decay: float = option(0.1, "AdamW weight decay.", ge=0, lt=1)
+    batch_size: int = option(16, "Global batch in windows, split across torchrun processes.", ge=1, strict=True)
+    seq_len: int | None = option(None, "Tokens per window [default: min(128, the model's positions)].", ge=1, strict=True)
+    seed: int = option(0, "Seed of data order, masks and dropout.", strict=True)
+    device: str = option("auto", "Where to run: auto, cpu, cuda or cuda:N; bf16 autocast on CUDA.")
+    tokenizer: Path | None = option(None, "tokenizer.json for text data [default: the checkpoint's].")
+    grad_clip: float = option(1.0, "Gradient norm clip, 0 for none.", ge=0)
+    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas.")
+    eps: float = option(1e-8, "AdamW epsilon.", gt=0, cli=False)
+    eval_batches: int = option(8, "Held-out batches of --batch-size windows scored.", ge=0, strict=True)
+    mask_rate: float = option(0.15, "Masked LM: fraction of positions masked.", gt=0, lt=1, cli=False)
+    mask_token_id: int | None = option(None, "Masked LM: the mask token's id [default: the tokenizer's [MASK]].",
+                                       strict=True, cli=False)
+    bin_dtype: str | None = option(None, "Raw .bin ids: uint16 or uint32 [default: from the vocabulary size].", cli=False)
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.steps // 10 if self.warmup is None else min(self.warmup, self.steps)
+
+    def schedule(self) -> Schedule:
+        return Schedule(self.steps, self.warmup_steps, self.min_lr_ratio)
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of ``lr`` at 0-based ``step``."""
+        return self.schedule()(step)
+
+
+@dataclass
+class History:
+    """The curves of a run (restored on resume, so a resumed run reports the whole run)."""
+
+    loss_curve: list[float] = field(default_factory=list)
+    lr_curve: list[float] = field(default_factory=list)
+    grad_norm_curve: list[float] = field(default_factory=list)
+    val_curve: list[list] = field(default_factory=list)  # [steps done, loss]
+    step_times: list[float] = field(default_factory=list)
+
+    def score(self, done: int, loss: float | None) -> None:
+        if loss is not None:
+            self.val_curve.append([done, loss])
+
+
+@dataclass
+class Loop:
+    """One optimisation run. ``loss_sum(local_batch)`` returns the summed loss of this
+    rank's rows; the loop divides by the global count. Hooks are optional."""
+
+    options: LoopOptions
+    groups: list[dict]  # AdamW parameter groups; "lr_scale" multiplies the scheduled lr
+    objective: LMObjective
+    sampler: object  # corpus.WindowSampler
+    mask_gen: torch.Generator
+    dist: Dist
+    device: torch.device
+    loss_sum: Callable[[dict], torch.Tensor]
+    schedule: Schedule
+    name: str = "training"
+    evaluate: Callable[[], float | None] | None = None
+    eval_every: int = 0  # 0: only before the first step and after the last
+    before_step: Callable[[int], None] | None = None
+    after_step: Callable[[int], None] | None = None
+    save: Callable[[int], None] | None = None
+    save_every: int | None = None
+    history: History = field(default_factory=History)
+
+    def __post_init__(self) -> None:
+        o = self.options
+        self.tensors = [p for g in self.groups for p in g["params"]]
+        # A group's own "weight_decay" overrides the option (norms and biases take none).
+        self.optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "lr_scale"} for g in self.groups],
+                                           lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        self.scales = [g.get("lr_scale", 1.0) for g in self.groups]
+
+    def score(self, done: int) -> None:
+        if self.evaluate is not None:
+            with torch.no_grad(), autocast(self.device):
+                self.history.score(done, self.evaluate())
+
+    def run(self, *, start: int = 0, show: bool = False) -> History:
+        o, h = self.options, self.history
+        if start == 0:
+            self.score(0)
+        bar = tqdm(range(start, o.steps), desc=self.name, unit="step", disable=not show, leave=False,
+                   initial=start, total=o.steps)
+        for step in bar:
+            t_step = time.perf_counter()
+            value, norm, lr = self.step(step)
+            h.loss_curve.append(value)
+            h.lr_curve.append(lr)
+            h.grad_norm_curve.append(norm)
+            if self.after_step is not None:
+                self.after_step(step)
+            h.step_times.append(time.perf_counter() - t_step)
+            bar.set_postfix(loss=f"{value:.4f}")
+            done = step + 1
+            if done == o.steps or (self.eval_every and done % self.eval_every == 0):
+                self.score(done)
+            if self.save is not None and self.save_every and done % self.save_every == 0 and done < o.steps:
+                self.save(done)
+        bar.close()
+        return h
+
+    def step(self, step: int) -> tuple[float, float, float]:
+        o, dist = self.options, self.dist
+        if self.before_step is not None:
+            self.before_step(step)
+        batch = self.objective.batch(self.sampler.windows(o.batch_size), self.mask_gen)
+        local = dist.local(batch, self.device)
+        with autocast(self.device):
+            loss = self.loss_sum(local) / batch["count"]
+        loss.backward()
+        sync_grads(dist, self.tensors)
+        clip = o.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.tensors, clip) if clip > 0 else grad_norm(self.tensors)
+        lr = o.lr * self.schedule(step)
+        for group, scale in zip(self.optimizer.param_groups, self.scales):
+            group["lr"] = lr * scale
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        value = float(dist.sum_(loss.detach().double()))
+        if not math.isfinite(value):
+            raise UsageError(f"{self.name} diverged at step {step}: loss {value}",
+                             hint="lower the learning rate or lengthen the warmup; nothing was written")
+        return value, float(norm), lr
+
+    def optimizer_state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for s in self.optimizer.state.values() for t in s.values()
+                   if torch.is_tensor(t))

@@ -1,0 +1,220 @@
+"""Options declared once: a pydantic model per option group, from which the command
+line flags, their help, the validation, the defaults recorded in reports and the JSON
+Schema of those records are all derived.
+
+A field becomes a flag unless declared with ``cli=False``; its flag is ``--<prefix><name>``
+(underscores as dashes) unless ``flag`` says otherwise. Flags carry no click default:
+a value the user did not type stays unset, so the model's default (or a default derived
+from other options) applies, and reports show the value actually used.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import click
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a field appears on the command line (kept out of the JSON Schema)."""
+
+    cli: bool = True
+    flag: str | None = None  # without dashes; default: prefix + name
+    choices: tuple[str, ...] | None = None
+
+
+def option(default: Any = None, help: str = "", *, flag: str | None = None, cli: bool = True,
+           choices: tuple[str, ...] | None = None, **constraints: Any):
+    """A field with its help text and command-line spelling (``flag`` without dashes)."""
+    extra = {"enum": list(choices)} if choices else None
+    field = Field(default, description=help, json_schema_extra=extra, **constraints)
+    field.metadata.append(Flag(cli, flag, tuple(choices) if choices else None))
+    return field
+
+
+def flag_of(field) -> Flag:
+    return next((m for m in field.metadata if isinstance(m, Flag)), Flag())
+
+
+class Options(BaseModel):
+    """Base of every option group: unknown names are refused, whole numbers are strict."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, arbitrary_types_allowed=True)
+    kind: ClassVar[str] = "option"  # "unknown <kind> option(s): ..."
+    prefix: ClassVar[str] = ""  # flag prefix, e.g. "fit-"
+    flags: ClassVar[dict[str, str]] = {}  # field -> flag without dashes, where not prefix + name
+    hidden: ClassVar[tuple[str, ...]] = ()  # fields of a base class this group keeps off the command line
+    help_prefix: ClassVar[str] = ""  # before each flag's help, e.g. "learned operators: "
+
+    @classmethod
+    def parse(cls, values: dict[str, Any] | Options | None = None, **more: Any):
+        """Validate ``values`` into the model; any problem is one UsageError naming the flag."""
+        if isinstance(values, cls) and not more:
+            return values
+        given = values.model_dump() if isinstance(values, Options) else dict(values or {})
+        given.update(more)
+        unknown = sorted(set(given) - set(cls.model_fields))
+        if unknown:
+            raise UsageError(f"unknown {cls.kind} option(s): {', '.join(unknown)}")
+        try:
+            return cls(**{k: v for k, v in given.items() if v is not None})
+        except ValidationError as exc:
+            raise usage_error(cls, exc) from None
+
+    @classmethod
+    def flag(cls, name: str) -> str:
+        return "--" + (cls.flags.get(name) or flag_of(cls.model_fields[name]).flag or cls.prefix + name.replace("_", "-"))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The values in effect, as JSON (what reports record)."""
+        return self.model_dump(mode="json")
+
+
+def usage_error(model: type[Options], exc: ValidationError) -> UsageError:
+    err = exc.errors()[0]
+    name = str(err["loc"][0]) if err["loc"] else ""
+    if name not in model.model_fields:  # a check across fields (model validator)
+        return UsageError(err["msg"].removeprefix("Value error, "))
+    field = model.model_fields[name]
+    where = model.flag(name) if flag_of(field).cli and name not in model.hidden else name
+    where += "".join(f"[{part!r}]" for part in err["loc"][1:])
+    return UsageError(f"{where} must be {describe(field) if len(err['loc']) == 1 else 'valid'}, got {err.get('input')!r}")
+
+
+def describe(field) -> str:
+    """What a field accepts, in words: 'a whole number >= 1', 'one of a, b', ..."""
+    choices = flag_of(field).choices
+    if choices:
+        return "one of " + ", ".join(choices)
+    base = _core_type(field.annotation)
+    if typing.get_origin(base) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(base)))
+    noun = {int: "a whole number", float: "a number", bool: "true or false"}.get(base, "a valid value")
+    low = high = None
+    for m in field.metadata:
+        if isinstance(m, (Ge, Gt)):
+            low = ("[" if isinstance(m, Ge) else "(", getattr(m, "ge", getattr(m, "gt", None)))
+        if isinstance(m, (Le, Lt)):
+            high = ("]" if isinstance(m, Le) else ")", getattr(m, "le", getattr(m, "lt", None)))
+    if low and high:
+        return f"{noun} in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+    if low:
+        return f"{noun} {'>=' if low[0] == '[' else '>'} {low[1]:g}"
+    if high:
+        return f"{noun} {'<=' if high[0] == ']' else '<'} {high[1]:g}"
+    return noun
+
+
+def _core_type(annotation):
+    """``X`` of ``X | None``; the annotation itself otherwise."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
+
+
+# -- click ------------------------------------------------------------------------------
+
+
+def click_options(model: type[Options], *, exclude: tuple[str, ...] = ()) -> list[click.Option]:
+    """One click option per command-line field of ``model``, in declaration order."""
+    out = []
+    for name, field in model.model_fields.items():
+        if name in exclude or name in model.hidden or not flag_of(field).cli:
+            continue
+        out.append(click_option(model, name, field))
+    return out
+
+
+def click_option(model: type[Options], name: str, field) -> click.Option:
+    flag = model.flag(name)
+    base = _core_type(field.annotation)
+    origin = typing.get_origin(base)
+    choices = flag_of(field).choices
+    kwargs: dict[str, Any] = {"default": None, "help": model.help_prefix + _help(field)}
+    if base is bool:
+        if field.default is False:
+            kwargs["is_flag"] = True
+        else:  # on by default, or decided by the command: both spellings
+            flag = f"{flag}/--no-{flag[2:]}"
+    elif choices or origin is Literal:
+        kwargs["type"] = click.Choice(choices or [str(a) for a in typing.get_args(base)])
+    elif origin is list:
+        kwargs.update(multiple=True, type=_click_type(typing.get_args(base)[0]))
+    elif origin is tuple:
+        kwargs["type"] = tuple(_click_type(a) for a in typing.get_args(base))
+    else:
+        kwargs["type"] = _click_type(base)
+    return click.Option([flag], **kwargs)
+
+
+def _click_type(tp):
+    if tp is Path:
+        return click.Path(path_type=Path)
+    return {int: click.INT, float: click.FLOAT, str: click.STRING}.get(tp, click.STRING)
+
+
+def _help(field) -> str:
+    text = field.description or ""
+    if "[default:" in text or field.default is None or field.default is False:
+        return text
+    default = field.default
+    if isinstance(default, (list, tuple)):
+        default = " ".join(map(str, default))
+    return f"{text} [default: {default}]"
+
+
+def with_options(model: type[Options], *, exclude: tuple[str, ...] = ()):
+    """Decorator: add ``model``'s flags to a click command (after those declared above it)."""
+
+    def apply(fn):
+        params = click_options(model, exclude=exclude)
+        fn.__click_params__ = getattr(fn, "__click_params__", []) + params[::-1]
+        return fn
+
+    return apply
+
+
+def param_name(model: type[Options], name: str) -> str:
+    """The click parameter a field's flag fills (``--fit-data`` fills ``fit_data``)."""
+    return model.flag(name)[2:].replace("-", "_")
+
+
+def given(values: dict[str, Any], model: type[Options], *, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The values of ``model``'s fields the user typed (click leaves the others None/())."""
+    out = {}
+    for name, field in model.model_fields.items():
+        value = values.get(param_name(model, name))
+        if name in exclude or value is None or value == ():
+            continue
+        if value is False and field.default is not True:  # an is_flag the user did not give
+            continue
+        is_list = typing.get_origin(_core_type(field.annotation)) is list
+        out[name] = list(value) if is_list else value
+    return out
+
+
+def defaults(**values: Any):
+    """Class decorator: the same fields as the base group, other defaults."""
+
+    def apply(cls: type[Options]) -> type[Options]:
+        for name, value in values.items():
+            cls.model_fields[name].default = value
+        cls.model_rebuild(force=True)
+        return cls
+
+    return apply
+
+
+def json_schema(model: type[Options]) -> dict[str, Any]:
+    """The JSON Schema of the values a report records for ``model``."""
+    return model.model_json_schema(mode="serialization")

@@ -1,0 +1,47 @@
+"""One-paragraph summaries of command reports, as the CLI and the demo print them."""
+
+from __future__ import annotations
+
+
+def format_fit(fit: dict) -> str:
+    if not fit.get("loss_curve") and "eval" not in fit:
+        return f"fit: {fit.get('note', 'no steps')}"
+    ev, drift = fit["eval"], fit["drift"]
+    loss = f"eval loss {ev['before']:.4f} -> {ev['after']:.4f}" if ev["before"] is not None else "no eval"
+    return (f"fit: {fit['steps']} steps of {fit['objective']} ({fit['task']}) on {fit['device']} x{fit['world_size']}, "
+            f"lr {fit['lr']:g}, batch {fit['batch_size']} x {fit['seq_len']}: {loss}; "
+            f"operator drift {drift['relative']:.3g}; {fit['wall_s']:.1f}s, peak memory {fit['peak_memory']['bytes'] / 2**20:,.0f} MiB")
+
+
+def format_plan(report: dict) -> str:
+    plan, promise = report["plan"], report["promise"]
+    rows = [f"{plan['architecture']} ({plan['class']}) · operator {report['operator']['name']} · depth mode {plan['depth_mode']}",
+            f"{'':12}{'source':>12}{'target':>12}"]
+    for key in ("residual", "layers", "heads", "kv_heads", "head_dim", "ffn", "vocab"):
+        if plan["source"][key] is None:  # vision models have no vocabulary
+            continue
+        rows.append(f"{key:12}{plan['source'][key]:>12,}{plan['target'][key]:>12,}")
+    ratio = plan["target_params"] / max(1, plan["source_params"])
+    rows.append(f"{'parameters':12}{plan['source_params']:>12,}{plan['target_params']:>12,}  ({ratio:.2f}x)")
+    exact = "yes" if promise["exact"] else "no"
+    rows.append(f"function-preserving: {exact}" + "".join(f"\n  - {n}" for n in promise["notes"]))
+    return "\n".join(rows)
+
+
+def format_verify(v: dict) -> str:
+    if "skipped" in v:
+        return f"verify: skipped ({v['skipped']})"
+    verdict = "matches" if v["passed"] else "differs from"
+    return (f"verify: grown model {verdict} the source: max |Δ {v['output']}| = {v['max_abs_diff']:.3g} "
+            f"(tolerance {v['tolerance']:.3g}, batch {v['batch']} × {v['seq']} tokens)")
+
+
+def format_train(r: dict) -> str:
+    mode = "full-rank" if r["mode"] == "full-rank" else f"ReLoRA r={r['relora']['rank']}, {r['restarts']} merges"
+    val = r["val_loss"]
+    loss = f"val loss {val['before']:.4f} -> {val['after']:.4f}" if val["before"] is not None and val["after"] is not None else "no validation"
+    out = r["output"]
+    size = sum(f["bytes"] for f in out["files"])
+    return (f"trained {r['steps']} steps ({mode}) on {r['device']} x{r['world_size']}, batch {r['options']['batch_size']} x "
+            f"{r['seq_len']}: {loss}; {r['trainable_params']:,} of {r['total_params']:,} parameters trained, optimizer state "
+            f"{r['optimizer_state_bytes']:,} bytes\nwrote {out['path']} ({len(out['files'])} files, {size:,} bytes) in {r['wall_s']:.1f}s")
