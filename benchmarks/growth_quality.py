@@ -23,7 +23,6 @@ model someone already has.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -213,16 +212,16 @@ def main() -> None:
             continue
         else:
             kwargs = {"fit_options": fit_opts} if fit_opts else {}
-            convert(src, start, GrowthSpec(spec.width, spec.depth, depth_mode=depth_mode), operator=op,
+            convert(src, start, GrowthSpec(width=spec.width, depth=spec.depth, depth_mode=depth_mode), operator=op,
                     operator_options=opts, verify=False, progress=False, **kwargs)
             fit_steps = sz.fit_steps if fit_opts else 0
         log(f"{label}: training {sz.budget} steps")
         topts = options(sz, train_txt, val_txt, sz.budget, lr, warmup, args.seed)
         if relora:
             # ReLoRA's rule of thumb: about twice the full-rank learning rate; 3 restarts.
-            topts = dataclasses.replace(topts, relora=True, rank=max(8, sz.embd // 4), alpha=max(8, sz.embd // 4),
-                                        lr=2 * sz.lr, relora_every=sz.budget // 3, restart_warmup=max(5, sz.budget // 30),
-                                        adapter_dropout=0.0)
+            topts = type(topts).parse(topts.model_dump(), relora=True, rank=max(8, sz.embd // 4),
+                                      alpha=max(8, sz.embd // 4), lr=2 * sz.lr, relora_every=sz.budget // 3,
+                                      restart_warmup=max(5, sz.budget // 30), adapter_dropout=0.0)
         shutil.rmtree(work / f"trained-{index}", ignore_errors=True)
         rep = train(start, work / f"trained-{index}", topts, progress=False)
         rows.append({"run": label, "operator": op, "fit_steps": fit_steps, "val_curve": rep["val_curve"],
