@@ -220,3 +220,54 @@ def test_ffn_size_cannot_be_chosen_without_a_config_key(site, fresh, tmp_path):
     src = nanogpt_checkpoint(tmp_path / "src")
     result = CliRunner().invoke(main, ["convert", str(src), "--dry-run", "--width", "2x", "--ffn", "300"])
     assert result.exit_code == 2 and "no FFN size" in result.output
+
+
+# -- the whole pipeline through a plugin architecture (runtime contract only) -------------
+
+
+def _pattern_ids(path: Path) -> Path:
+    """Token ids with structure a few steps can learn (a repeating ramp over the vocabulary)."""
+    import numpy as np
+
+    np.save(path, np.tile(np.arange(80, dtype=np.int32), 60))
+    return path
+
+
+def test_fit_train_and_export_through_the_plugin(site, fresh, tmp_path):
+    """convert -> verify -> LiGO fit -> train (full-rank, ReLoRA) -> ONNX export with parity,
+    through modelgrow's public API: the plugin implements build_module and nothing else."""
+    import modelgrow
+
+    src = nanogpt_checkpoint(tmp_path / "src")
+    data = _pattern_ids(tmp_path / "ids.npy")
+    grown = modelgrow.convert(src, tmp_path / "grown", width="2x", depth="2x")
+    assert grown.exact and grown.verified
+
+    fitted = modelgrow.convert(src, tmp_path / "fitted", width="2x", operator="ligo",
+                               fit={"data": [data], "steps": 8, "lr": 1e-3, "seq_len": 16, "batch_size": 4,
+                                    "device": "cpu"})
+    fit = fitted["fit"]
+    assert fit["task"] == "causal_lm" and len(fit["loss_curve"]) == 8
+    assert fit["eval"]["after"] < fit["eval"]["before"], fit["eval"]
+
+    common = {"data": [data], "steps": 12, "lr": 3e-3, "seq_len": 16, "batch_size": 4, "device": "cpu",
+              "eval_every": 0, "val_fraction": 0.2}
+    full = modelgrow.train(tmp_path / "grown", tmp_path / "trained", **common)
+    before, after = full.val_loss
+    assert after < before, (before, after)
+    low = modelgrow.train(tmp_path / "grown", tmp_path / "relora", relora=True, rank=4, relora_every=6,
+                          restart_warmup=2, **common)
+    assert low["restarts"] == 1 and low["trainable_params"] < full["trainable_params"]
+    assert low.val_loss[1] < low.val_loss[0]
+
+    exported = modelgrow.export(tmp_path / "trained", tmp_path / "trained.onnx")
+    assert exported.parity_passed and exported["outputs"] == ["logits"]
+    assert exported.output == tmp_path / "trained.onnx" and exported.output.is_file()
+
+
+def test_cli_export_through_the_plugin(site, fresh, tmp_path):
+    src = nanogpt_checkpoint(tmp_path / "src")
+    result = CliRunner().invoke(main, ["export", str(src), "-o", str(tmp_path / "m.onnx"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["parity"]["passed"] and report["source"]["architecture"] == "nanogpt"

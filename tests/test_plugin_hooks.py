@@ -295,3 +295,50 @@ def test_hook_register_operators(registered, demo, tmp_path):
     unknown = runner.invoke(main, ["convert", str(demo), "--dry-run", "--operator", "nope"])
     assert unknown.exit_code == 2 and "zeropad" in unknown.output  # the hint lists it
     assert plugin is not None
+
+
+def test_an_operator_plugin_declares_its_own_flags(registered, demo, tmp_path):
+    """The documented operator's option becomes a `convert` flag, with its help, and reaches it."""
+    example = docs_operator_example()
+    registered(type("ZeroPadPlugin", (), {"register_operators": staticmethod(example["register_operators"])}),
+               "zeropad-plugin")
+    runner = CliRunner()
+    help_text = " ".join(runner.invoke(main, ["convert", "--help"]).output.split())
+    assert "--fill FLOAT zeropad: Value of the new entries (0: zero padding). [default: 0.0]" in help_text
+    assert "--rank INTEGER mango: Ring rank" in help_text  # built-in operators' flags come the same way
+
+    out = tmp_path / "grown"
+    result = runner.invoke(main, ["convert", str(demo), "-o", str(out), "--operator", "zeropad", "--width", "2x",
+                                  "--fill", "0.25", "--no-verify", "-q"])
+    assert result.exit_code == 0, result.output
+    from safetensors.torch import load_file
+
+    grown = load_file(out / "model.safetensors")
+    assert float(grown["transformer.h.0.ln_1.weight"][-1]) == 0.25  # a padded entry holds the fill
+    refused = runner.invoke(main, ["convert", str(demo), "--dry-run", "--operator", "zeropad", "--fill", "inf"])
+    assert refused.exit_code == 2 and "--fill must be a number" in refused.output
+    foreign = runner.invoke(main, ["convert", str(demo), "--dry-run", "--operator", "zeropad", "--rank", "2"])
+    assert foreign.exit_code == 2 and "--rank: not an option of the zeropad operator" in foreign.output
+
+
+def test_an_operator_that_only_says_it_is_learned_is_refused(registered, demo, tmp_path):
+    from modelgrow.operators.base import Operator
+
+    class Pretends(Operator):
+        name = "pretends"
+        learned = True
+
+        def tensor(self, target):
+            return torch.zeros(target.shape)
+
+    class PretendsPlugin:
+        @hookimpl
+        def register_operators(self, register):
+            register(Pretends)
+
+    registered(PretendsPlugin(), "pretends-plugin")
+    result = CliRunner().invoke(main, ["convert", str(demo), "-o", str(tmp_path / "out"), "--operator", "pretends",
+                                       "--width", "2x"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "says it is learned but has no trainable tensors" in result.output
+    assert not (tmp_path / "out").exists()
