@@ -38,14 +38,16 @@ def convert(source: PathLike, dest: PathLike | None = None, spec: GrowthSpec | d
     """Grow the checkpoint at ``source`` into the folder ``dest``.
 
     ``options`` are GrowthSpec fields (``width``, ``depth``, ``heads``, ``kv_heads``,
-    ``ffn``, ``depth_mode``) and ConvertOptions fields (``verify``, ``dry_run``,
-    ``overwrite``, ``max_shard_size``, ``report``, ``onnx``, ...). ``operator_options``
-    are the operator's own (``noise``, ``seed``, ``rank``, ...), ``fit`` a learned
-    operator's FitOptions. With ``onnx`` the grown model is also exported and checked.
+    ``ffn``, ``depth_mode``), ConvertOptions fields (``verify``, ``dry_run``,
+    ``overwrite``, ``max_shard_size``, ``report``, ``onnx``, ...) and otherwise the
+    operator's own (``noise``, ``seed``, ``rank``, ...; also as ``operator_options``).
+    ``fit`` is a learned operator's FitOptions. With ``onnx`` the grown model is also
+    exported and checked.
     """
     sizes = {k: options.pop(k) for k in list(options) if k in GrowthSpec.model_fields}
     spec = GrowthSpec.parse(spec, **sizes)
-    run = ConvertOptions.parse(options)
+    run = ConvertOptions.parse({k: options.pop(k) for k in list(options) if k in ConvertOptions.model_fields})
+    operator_options = {**(operator_options or {}), **options}  # the operator refuses what it does not take
     if dest is None and not run.dry_run:
         raise UsageError("give -o/--output, or --dry-run to only print the plan")
     if run.onnx is not None and not run.dry_run:

@@ -54,3 +54,27 @@ def test_no_private_name_is_imported_across_modules(path):
 def test_modules_stay_short(path):
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{path.relative_to(ROOT)} has {lines} lines; split it by job"
+
+
+def test_no_import_cycles_between_modules():
+    """Within a layer siblings may import each other, but never in a circle."""
+    import grimp
+
+    graph = grimp.build_graph("modelgrow", cache_dir=None)
+    for package in ("modelgrow.engine", "modelgrow.operators", "modelgrow.checkpoint", "modelgrow.architectures"):
+        graph.squash_module(package)
+    nodes = {m for m in graph.modules if m.count(".") == 1}
+    edges = {m: {i for i in graph.find_modules_directly_imported_by(m) if i in nodes and i != m} for m in nodes}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(edges[node]):
+            assert state.get(nxt) != 1, " -> ".join(path[path.index(nxt):] + [node, nxt]) if nxt in path else nxt
+            if nxt not in state:
+                visit(nxt, path + [node])
+        state[node] = 2
+
+    for node in sorted(nodes):
+        if node not in state:
+            visit(node, [])

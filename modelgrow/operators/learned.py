@@ -15,7 +15,7 @@ import torch
 
 from ..plan import Promise
 from .. import seeding
-from .base import Operator
+from .base import NoiseOptions, Operator, copy_maps
 
 
 @dataclass
@@ -36,12 +36,18 @@ class LearnedOperator(Operator):
     """Base of operators with trainable tensors. Subclasses fill ``self.params`` (name ->
     trainable tensor) and implement ``compute`` (one target tensor, differentiable, on
     the operator's device); ``self._src`` caches the source tensors they read.
+
+    They start at the copy solution: ``self.maps`` and ``self.head_norms`` are its unit
+    maps, ``self.noise``/``self.noise_mode`` its symmetry breaking.
     """
 
     learned = True
+    Options = NoiseOptions
 
     def __init__(self, plan, **options):
         super().__init__(plan, **options)
+        self.noise, self.noise_mode = self.settings.noise, self.settings.noise_mode
+        self.maps, self.head_norms = copy_maps(plan)
         self.device = torch.device("cpu")
         self.fitted_steps = 0
         self.params: dict[str, torch.Tensor] = {}

@@ -50,7 +50,6 @@ import torch
 from ..hookspecs import hookimpl
 from ..maps import AxisMap, circular
 from ..plan import TargetTensor
-from .base import NoiseOptions, copy_maps
 from .expansions import Recipe, Step, apply_recipe, build_recipe, copy_matrix, perturb_expansion
 from .learned import LearnedOperator, operator_seed
 
@@ -59,15 +58,12 @@ HEAD_ROLES = ("attn", "kv")
 
 
 class LiGOOperator(LearnedOperator):
-    Options = NoiseOptions
     name = "ligo"
     description = ("learned growth (LiGO): shared residual expansion, per-layer head/FFN expansions, "
                    "depth mixing; starts at the exact copy solution, fitted with --fit-data")
 
     def __init__(self, plan, **options):
         super().__init__(plan, **options)
-        self.noise, self.noise_mode = self.settings.noise, self.settings.noise_mode
-        self.maps, self.head_norms = copy_maps(plan)
         self._row_maps: dict[str, AxisMap] = {}  # which source unit each matrix row copies
         self._recipes = {t.name: self._recipe(t) for t in plan.targets}
         self._add_noise()

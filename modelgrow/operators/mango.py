@@ -29,7 +29,7 @@ from ..options import option
 from ..hookspecs import hookimpl
 from ..layout import GROWABLE_ROLES, TensorSpec
 from ..plan import TargetTensor
-from .base import NoiseOptions, copy_maps
+from .base import NoiseOptions
 from .expansions import apply_recipe, build_recipe, copy_matrix, perturb_expansion
 from .learned import LearnedOperator, operator_seed
 from .ring_init import add_ring_noise, copy_cores, plan_channels
@@ -67,8 +67,7 @@ class MangoOperator(LearnedOperator):
         super().__init__(plan, **options)
         o = self.settings
         self.rank, self.grouping, self.ring_init, self.residual = o.rank, o.slot_grouping, o.ring_init, o.ring_residual
-        self.noise, self.noise_mode, self.chunk_mb, self.lr_scales = o.noise, o.noise_mode, o.chunk_mb, o.lr_scales
-        self.maps, self.head_norms = copy_maps(plan)
+        self.chunk_mb, self.lr_scales = o.chunk_mb, o.lr_scales
         self.buffers: dict[str, torch.Tensor] = {}
         self.notes: list[str] = []
         self._cache: tuple | None = None
