@@ -70,11 +70,13 @@ def _progress(quiet: bool) -> bool:
 def operator_fields() -> dict[str, tuple[type, list[str]]]:
     """Every option field of every registered operator: name -> (its group, operators)."""
     from . import plugins
+    from .options import flag_of
 
     fields: dict[str, tuple[type, list[str]]] = {}
     for name, op in sorted(plugins.get_operators().items()):
-        for field in op.Options.model_fields:
-            fields.setdefault(field, (op.Options, []))[1].append(name)
+        for field, info in op.Options.model_fields.items():
+            if flag_of(info).cli:
+                fields.setdefault(field, (op.Options, []))[1].append(name)
     return fields
 
 

@@ -54,7 +54,7 @@ class FitOptions(LoopOptions):
     prefix = "fit-"
     flags = {"tokenizer": "tokenizer", "device": "device"}
     hidden = ("min_lr_ratio", "seed", "grad_clip", "betas", "eval_batches")
-    help_prefix = "Learned operators' fit: "
+    help_prefix = "(learned operators) "
 
     steps: int = option(100, "Optimiser steps of the fit.", ge=0, strict=True)
     objective: Literal["lm", "distill"] = option(

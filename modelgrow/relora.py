@@ -10,6 +10,7 @@ independent masks can leave a large m over a zeroed v, i.e. a huge first step).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 
@@ -127,3 +128,18 @@ def prune_moments(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], 
         keep = m.abs() > threshold
         m.mul_(keep)
         v.mul_(keep)
+
+
+def restart(adapters: list[LoRAAdapter], optimizer: torch.optim.Optimizer, generator: torch.Generator,
+            prune: float) -> bytes:
+    """A ReLoRA restart: merge every adapter, redraw A from ``generator``, zero B, prune
+    the adapters' Adam moments. Returns the sha256 of the new A matrices (ranks compare it)."""
+    for a in adapters:
+        a.merge()
+    for a in adapters:
+        a.redraw(generator)
+    prune_moments(optimizer, [p for a in adapters for p in (a.lora_A, a.lora_B)], prune)
+    digest = hashlib.sha256()
+    for a in adapters:
+        digest.update(a.lora_A.detach().cpu().numpy().tobytes())
+    return digest.digest()

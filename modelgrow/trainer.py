@@ -32,7 +32,6 @@ flat gradient all-reduce, rank 0 alone writes):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
@@ -54,7 +53,7 @@ from .engine.loop import Loop
 from .engine.objective import LMObjective, lm_task, load_data, mask_token_id, mean_loss, tokenizer_file, window_length
 from .errors import InputError, OutputError, UsageError
 from .plots import plot_curves, require_matplotlib
-from .relora import add_adapters, adapter_targets, prune_moments, remove_adapters
+from .relora import add_adapters, adapter_targets, remove_adapters, restart
 from .report import write_report
 from .train_options import RESUME_FREE, TrainOptions, TrainRun, checkpoints_dir, restart_generator
 from .source import SourceModel, load_module, open_source
@@ -322,16 +321,8 @@ class Trainer:
 
     def _restart(self, adapters, optimizer, step: int, k: int, device: torch.device) -> dict:
         """Merge, redraw A for restart k, zero B, prune the adapters' moments."""
-        for a in adapters:
-            a.merge()
-        gen = restart_generator(self.options.seed, k)
-        for a in adapters:
-            a.redraw(gen)
-        prune_moments(optimizer, [p for a in adapters for p in (a.lora_A, a.lora_B)], self.options.optimizer_prune)
-        digest = hashlib.sha256()
-        for a in adapters:
-            digest.update(a.lora_A.detach().cpu().numpy().tobytes())
-        mine = torch.tensor(list(digest.digest()), dtype=torch.int64, device=device)
+        digest = restart(adapters, optimizer, restart_generator(self.options.seed, k), self.options.optimizer_prune)
+        mine = torch.tensor(list(digest), dtype=torch.int64, device=device)
         hashes = [bytes(t.cpu().tolist()).hex() for t in self.dist.gather(mine)]
         if len(set(hashes)) != 1:  # replicas would silently train different models
             raise RuntimeError(f"ReLoRA restart {k}: ranks drew different A matrices ({hashes})")
