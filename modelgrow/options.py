@@ -46,7 +46,7 @@ def flag_of(field) -> Flag:
 
 
 class Options(BaseModel):
-    """Base of every option group: unknown names are refused, whole numbers are strict."""
+    """Base of every option group: unknown names are refused, values checked on assignment too."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, arbitrary_types_allowed=True)
     kind: ClassVar[str] = "option"  # "unknown <kind> option(s): ..."
@@ -168,7 +168,9 @@ def _help(field) -> str:
     if "[default:" in text or field.default is None or field.default is False:
         return text
     default = field.default
-    if isinstance(default, (list, tuple)):
+    if default is True:
+        default = "on"
+    elif isinstance(default, (list, tuple)):
         default = " ".join(map(str, default))
     return f"{text} [default: {default}]"
 
