@@ -19,15 +19,18 @@ from typing import Any
 
 from . import grow, trainer
 from .compare import VerifyOptions, VerifyResult, compare
+from .checkpoint import open_checkpoint
 from .describe import describe
+from .destination import check_outputs, source_inputs
+from .engine.state import find_state
 from .errors import UsageError, VerificationError
-from .onnx_export import ExportOptions, export_onnx, preflight
+from .onnx_export import ExportOptions, data_path, export_onnx, preflight
 from .fit import FitOptions
 from .grow import ConvertOptions
 from .plan import GrowthSpec
 from .results import ConvertResult, ExportResult, TrainResult
 from .source import open_source
-from .train_options import TrainOptions, TrainRun
+from .train_options import TrainOptions, TrainRun, checkpoints_dir
 
 PathLike = str | Path
 
@@ -50,6 +53,12 @@ def convert(source: PathLike, dest: PathLike | None = None, spec: GrowthSpec | d
     operator_options = {**(operator_options or {}), **options}  # the operator refuses what it does not take
     if dest is None and not run.dry_run:
         raise UsageError("give -o/--output, or --dry-run to only print the plan")
+    fitting = FitOptions.parse(fit) if fit else None
+    outputs = {"--report": run.report}
+    if not run.dry_run:
+        outputs.update({"-o/--output": dest, "--onnx": run.onnx, "--onnx data": data_path(run.onnx) if run.onnx else None})
+    _check_paths(source, run.config, outputs, report=run.report, data=fitting.data or () if fitting else (),
+                 tokenizer=fitting.tokenizer if fitting else None)
     if run.onnx is not None and not run.dry_run:
         preflight(run.onnx, overwrite=run.overwrite)  # refuse before growing, not after
     report = grow.convert(
@@ -88,7 +97,15 @@ def train(source: PathLike, dest: PathLike, options: TrainOptions | dict[str, An
     given = options.model_dump(exclude_unset=True) if isinstance(options, TrainOptions) else dict(options or {})
     given.update(fields)
     where = TrainRun.parse({k: given.pop(k) for k in list(given) if k in TrainRun.model_fields})
-    report = trainer.train(source, dest, TrainOptions.parse(given), overwrite=where.overwrite, resume=where.resume,
+    o = TrainOptions.parse(given)
+    data = [*(o.data or ()), *(o.val_data or ())]
+    state = find_state(where.resume) if where.resume is not None else None  # the step folder actually read
+    _check_paths(source, where.config, {"-o/--output": dest, "--report": where.report, "--plot": o.plot},
+                 report=where.report, plot=o.plot, data=data, tokenizer=o.tokenizer, resume=state)
+    # Step folders go beside OUT; a resume state may lie among them.
+    _check_paths(source, where.config, {"--save-every step folders": checkpoints_dir(dest)}, data=data,
+                 tokenizer=o.tokenizer)
+    report = trainer.train(source, dest, o, overwrite=where.overwrite, resume=where.resume,
                            progress=progress, report_path=where.report, config_path=where.config,
                            max_shard_size=where.max_shard_size)
     return TrainResult(report)
@@ -101,12 +118,24 @@ def export(source: PathLike, dest: PathLike, **options: Any) -> ExportResult:
     ``overwrite``, ``config``, ``report``.
     """
     o = ExportOptions.parse(options)
+    _check_paths(source, o.config, {"-o/--output": dest, "the external data file": data_path(dest), "--report": o.report},
+                 report=o.report)
     report = export_onnx(source, dest, opset=o.opset, check=o.check, external_data=o.external_data,
                          overwrite=o.overwrite, config_path=o.config)
     result = ExportResult(report)
     if o.report is not None:
         result.write(o.report)
     return result
+
+
+def _check_paths(source: PathLike, config: PathLike | None, outputs: dict[str, Any], *, report=None, plot=None,
+                data=(), tokenizer=None, resume=None) -> None:
+    """The one rule for output paths (modelgrow.destination), before any work."""
+    folders = {"-o/--output", "--save-every step folders"}
+    with open_checkpoint(source, config) as ckpt:
+        inputs = source_inputs(ckpt, data=data, tokenizer=tokenizer, resume=resume)
+    replaced = {what: kind for what, kind, path in (("--report", "report", report), ("--plot", "plot", plot)) if path}
+    check_outputs(inputs, outputs, folders=folders & set(outputs), replaced=replaced)
 
 
 def inspect(path: PathLike, *, config: PathLike | None = None, tensors: bool = False) -> dict[str, Any]:

@@ -144,7 +144,10 @@ def convert(
         }
     timings["total_s"] = time.perf_counter() - started
     report["timings"] = timings
-    write_report(report, report_path)
+    try:
+        write_report(report, report_path)
+    except OutputError as err:  # the checkpoint is complete: say so, so a rerun is not a guess
+        raise OutputError(f"{dest} was written, but the report could not be: {err.problem}", path=report_path) from None
     return report
 
 

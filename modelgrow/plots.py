@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checkpoint.atomic import write_file_atomically
+from .destination import PLOT_SOFTWARE
 from .errors import UsageError
 
 
@@ -40,6 +41,7 @@ def plot_curves(report: dict, path: str | Path) -> None:
     ax.legend()
     fig.tight_layout()
     try:
-        write_file_atomically(path, lambda tmp: fig.savefig(tmp, format="png"), what="the plot")
+        write_file_atomically(path, lambda tmp: fig.savefig(tmp, format="png", metadata={"Software": PLOT_SOFTWARE}),
+                              what="the plot")
     finally:
         plt.close(fig)
