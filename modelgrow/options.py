@@ -196,9 +196,7 @@ def given(values: dict[str, Any], model: type[Options], *, exclude: tuple[str, .
     out = {}
     for name, field in model.model_fields.items():
         value = values.get(param_name(model, name))
-        if name in exclude or value is None or value == ():
-            continue
-        if value is False and field.default is not True:  # an is_flag the user did not give
+        if name in exclude or value is None or value == ():  # click leaves what was not typed None
             continue
         is_list = typing.get_origin(_core_type(field.annotation)) is list
         out[name] = list(value) if is_list else value

@@ -78,3 +78,11 @@ def test_demo_grows_the_shipped_model(tmp_path):
     assert code == 0, out
     assert "same continuation: yes" in out and "matches the source" in out
     assert (tmp_path / "demo" / "tokenizer.json").exists()
+
+
+def test_no_verify_is_obeyed(tmp_path):
+    """A two-way flag's "no" reaches the run (its default is decided by the command)."""
+    src = tiny.gpt2(tmp_path / "src")
+    code, out = run("convert", src, "-o", tmp_path / "out", "--width", "2x", "--no-verify", "--report", tmp_path / "r.json")
+    assert code == 0, out
+    assert "verify" not in json.loads((tmp_path / "r.json").read_text())
