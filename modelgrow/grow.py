@@ -132,10 +132,14 @@ def convert(
                 writer.copy_file(f)
             staged = writer.finish()
             timings["write_s"] = time.perf_counter() - t0
+            # A source rewritten while it was read would give a mixed model: say so before
+            # verification can blame the growth, and again right before publishing.
+            source.checkpoint.verify_unchanged()
             if verify:
                 t1 = time.perf_counter()
                 report["verify"] = _verify(source, staged, op.promise().exact)
                 timings["verify_s"] = time.perf_counter() - t1
+            source.checkpoint.verify_unchanged()
             files = writer.commit()
         report["output"] = {
             "path": str(dest),

@@ -135,7 +135,7 @@ def test_overwrite_replaces_dest(tmp_path):
     write(dest, {"old": torch.zeros(2), "older": torch.zeros(2)}, max_shard_bytes=8)
     assert (dest / "model.safetensors.index.json").exists()
     write(dest, {"new": torch.ones(2)}, overwrite=True)
-    assert sorted(p.name for p in dest.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in dest.iterdir()) == [".modelgrow", "config.json", "model.safetensors"]
     assert list(load_file(dest / "model.safetensors")) == ["new"]
     assert leftovers(tmp_path) == []
 

@@ -90,7 +90,7 @@ def test_full_rank_and_relora_lower_the_validation_loss_on_the_demo(tmp_path):
     assert _names_and_dtypes(out / "model.safetensors") == _names_and_dtypes(demo / "model.safetensors")
     assert (out / "config.json").read_bytes() == (demo / "config.json").read_bytes()
     assert (out / "tokenizer.json").read_bytes() == (demo / "tokenizer.json").read_bytes()
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".modelgrow", "config.json", "model.safetensors", "tokenizer.json"]
     model, info = transformers.GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     # transformers scores the merged weights exactly as the training loop did.
@@ -116,7 +116,8 @@ def test_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_path):
     # A step folder is a dense checkpoint plus safetensors/JSON state: nothing pickled.
     step5 = steps / "step-5"
     files = sorted(str(p.relative_to(step5)) for p in step5.rglob("*") if p.is_file())
-    assert files == ["config.json", "model.safetensors", "training_state/state.json", "training_state/state.safetensors"]
+    assert files == [".modelgrow", "config.json", "model.safetensors", "training_state/state.json",
+                     "training_state/state.safetensors"]
     _, info = transformers.GPT2LMHeadModel.from_pretrained(step5, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     state = json.loads((step5 / "training_state" / "state.json").read_text())

@@ -1,5 +1,7 @@
 """Checkpoint I/O: validated, lazy safetensors reading and atomic, sharded writing."""
 
+from modelgrow.checkpoint.atomic import MARKER_NAME, publish_file_set
+from modelgrow.checkpoint.marker import check_replaceable
 from modelgrow.checkpoint.reader import (
     PICKLE_SUFFIXES,
     TAGALONG_FILES,
@@ -15,6 +17,7 @@ from modelgrow.checkpoint.sizes import format_size, parse_size
 from modelgrow.checkpoint.writer import CheckpointWriter, OutputFile
 
 __all__ = [
+    "MARKER_NAME",
     "PICKLE_SUFFIXES",
     "SAFETENSORS_DTYPES",
     "TAGALONG_FILES",
@@ -22,8 +25,10 @@ __all__ = [
     "CheckpointWriter",
     "OutputFile",
     "TensorInfo",
+    "check_replaceable",
     "format_size",
     "open_checkpoint",
     "parse_size",
+    "publish_file_set",
     "read_header",
 ]

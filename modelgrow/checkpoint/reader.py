@@ -1,9 +1,10 @@
 """Open a safetensors checkpoint (file, sharded index or Hugging Face folder) lazily.
 
 Every shard's header is validated when the checkpoint is opened, so a bad file is
-reported before any growth work starts. Tensor data is read one tensor at a time through
-memory-mapped ``safe_open`` handles. Pickled checkpoints are refused, never loaded:
-unpickling runs arbitrary code.
+reported before any growth work starts, and every file read is pinned (its identity
+recorded, checked again by ``verify_unchanged``; see checkpoint/pinned.py). Tensor data
+is read one tensor at a time with ordinary reads, never memory-mapped. Pickled
+checkpoints are refused, never loaded: unpickling runs arbitrary code.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import json
 from pathlib import Path, PurePosixPath
 
 import torch
-from safetensors import safe_open
 
+from modelgrow.checkpoint.pinned import FileIdentity, ShardFile, check_unchanged, identity
 from modelgrow.checkpoint.safetensors_format import TensorInfo, read_header, shorten
 from modelgrow.errors import CheckpointError
 
@@ -45,6 +46,17 @@ _CONVERT_HINT = (
 )
 
 
+def safe_open(path: str, framework: str = "pt", device: str = "cpu") -> ShardFile:
+    """Open one shard to read tensors from, with ordinary reads (no memory map).
+
+    Named after the safetensors function it replaced, with the same arguments; unlike
+    it, a file truncated while it is read gives a one-line CheckpointError, not SIGBUS.
+    """
+    if framework != "pt" or device != "cpu":
+        raise ValueError("only framework='pt' on device='cpu' is supported")
+    return ShardFile(Path(path))
+
+
 def _pickled_error(path: Path) -> CheckpointError:
     return CheckpointError(
         "is a pickled PyTorch checkpoint; modelgrow never unpickles files, because "
@@ -68,6 +80,8 @@ class Checkpoint:
         tensors: dict[str, TensorInfo],
         metadata: dict[str, str],
         in_model_folder: bool,
+        data_starts: dict[Path, int],
+        pins: dict[Path, FileIdentity | None],
     ):
         self.path = path
         self.root = root
@@ -77,7 +91,9 @@ class Checkpoint:
         self.metadata = metadata
         self._tensors = tensors
         self._in_model_folder = in_model_folder
-        self._handles: dict[Path, object] = {}
+        self._data_starts = data_starts
+        self._pins = pins
+        self._handles: dict[Path, ShardFile] = {}
 
     def names(self) -> list[str]:
         return sorted(self._tensors)
@@ -95,31 +111,42 @@ class Checkpoint:
             raise KeyError(f"no tensor named {name!r} in {self.path}") from None
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor from its shard (memory-mapped; the shard stays open)."""
+        """Read one tensor from its shard, where the header validated at open time says it is.
+
+        The shard stays open. A file that ends early (truncated or replaced since it was
+        opened) raises "the source changed while it was read".
+        """
         info = self.info(name)
         try:
             handle = self._handles.get(info.file)
             if handle is None:
                 handle = safe_open(str(info.file), framework="pt", device="cpu")
                 self._handles[info.file] = handle
-            tensor = handle.get_tensor(name)
-        except Exception as err:  # the library's own error type is not an OSError
+        except OSError as err:
             raise CheckpointError(
-                f"cannot read tensor {name!r}: {err}", path=info.file
+                f"cannot read tensor {name!r}: {err.strerror or err}", path=info.file
             ) from err
-        # The header was validated at open time; a mismatch means the file changed since.
-        if tensor.dtype != info.dtype or tuple(tensor.shape) != info.shape:
+        try:
+            return handle.read(self._data_starts[info.file], info)
+        except OSError as err:
             raise CheckpointError(
-                f"tensor {name!r} changed on disk since the checkpoint was opened",
-                path=info.file,
-            )
-        return tensor
+                f"cannot read tensor {name!r}: {err.strerror or err}", path=info.file
+            ) from err
+
+    def verify_unchanged(self) -> None:
+        """Raise CheckpointError (exit 3) if any file read for this checkpoint changed since it was opened.
+
+        Compares each file's identity (device, inode, size, mtime, ctime) recorded at
+        open time with the file at its path now and with the file each open shard reads.
+        Call it after the last read, before committing anything derived from it.
+        """
+        check_unchanged(self._pins, self._handles)
 
     def tagalong_files(self) -> list[Path]:
-        """Tokenizer and similar files to copy beside the grown weights."""
+        """Tokenizer and similar files to copy beside the grown weights (those there when opened)."""
         if not self._in_model_folder:
             return []
-        return [self.root / name for name in TAGALONG_FILES if (self.root / name).is_file()]
+        return [self.root / name for name in TAGALONG_FILES if self._pins.get(self.root / name) is not None]
 
     def total_bytes(self) -> int:
         return sum(info.nbytes for info in self._tensors.values())
@@ -127,7 +154,7 @@ class Checkpoint:
     def close(self) -> None:
         handles, self._handles = self._handles, {}
         for handle in handles.values():
-            handle.__exit__(None, None, None)  # releases the memory map
+            handle.close()
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -162,18 +189,26 @@ def _open_checkpoint(given: Path, config_path: str | Path | None) -> Checkpoint:
     weights = _find_weights(given)
     root = given if given.is_dir() else given.parent
 
+    # Each identity is taken before the file is read, so a change while it is read shows.
+    pins: dict[Path, FileIdentity | None] = {}
     if weights.name.endswith(".index.json"):
+        pins[weights] = identity(weights)
         files, expected = _read_index(weights, root)
     else:
         files, expected = [weights], None
-    tensors, metadata = _read_headers(files, expected, weights)
+    pins.update((file, identity(file)) for file in files)
+    tensors, metadata, data_starts = _read_headers(files, expected, weights)
 
     default_config = root / CONFIG_FILE
     config_file = Path(config_path) if config_path is not None else default_config
+    pins[config_file] = identity(config_file)
     config = _read_config(config_file, given)
     # Tag-along files only make sense when the weights sit in a model folder with their
     # config; a loose file paired with a config from elsewhere has no tokenizer of its own.
     in_model_folder = given.is_dir() or config_file.resolve() == default_config.resolve()
+    if in_model_folder:
+        tagalong = [root / name for name in TAGALONG_FILES if (root / name).is_file()]
+        pins.update((path, identity(path)) for path in tagalong)
     return Checkpoint(
         path=given,
         root=root,
@@ -183,6 +218,8 @@ def _open_checkpoint(given: Path, config_path: str | Path | None) -> Checkpoint:
         tensors=tensors,
         metadata=metadata,
         in_model_folder=in_model_folder,
+        data_starts=data_starts,
+        pins=pins,
     )
 
 
@@ -284,11 +321,12 @@ def _shard_path(shard: str, root: Path, index: Path) -> Path:
 
 def _read_headers(
     files: list[Path], expected: dict[str, Path] | None, source: Path
-) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+) -> tuple[dict[str, TensorInfo], dict[str, str], dict[Path, int]]:
     tensors: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
+    data_starts: dict[Path, int] = {}
     for i, file in enumerate(files):
-        header, file_metadata, _ = read_header(file)
+        header, file_metadata, data_starts[file] = read_header(file)
         if i == 0:
             metadata = file_metadata
         for name, info in header.items():
@@ -305,4 +343,4 @@ def _read_headers(
                 f"index lists tensor {name!r} in {shard.name}, but that shard does not hold it",
                 path=source,
             )
-    return tensors, metadata
+    return tensors, metadata, data_starts

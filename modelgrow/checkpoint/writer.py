@@ -3,7 +3,9 @@
 Everything is written into a hidden temporary folder beside the destination (see
 checkpoint/atomic.py) and renamed into place only by commit(), so a crash, a full disk or an exception leaves either the
 old destination or nothing, never half a checkpoint. Shards are packed greedily by bytes
-in the order tensors are added; at most one shard's tensors are held in memory.
+in the order tensors are added; at most one shard's tensors are held in memory. The
+committed folder carries the ``.modelgrow`` marker listing its files
+(checkpoint/marker.py); ``overwrite=True`` replaces only a folder modelgrow wrote.
 """
 
 from __future__ import annotations
@@ -20,15 +22,16 @@ import torch
 from safetensors.torch import save_file
 
 from modelgrow.checkpoint.atomic import (
-    OLD_MARKER,
+    aside_name,
     fsync_path,
     hash_and_fsync,
     make_staging_folder,
     output_errors,
+    release,
     remove_path,
     remove_stale_temps,
-    unique_sibling,
 )
+from modelgrow.checkpoint.marker import check_replaceable, write_marker
 from modelgrow.errors import InputError, OutputError
 
 SINGLE_FILE = "model.safetensors"
@@ -101,6 +104,7 @@ class CheckpointWriter:
             remove_stale_temps(dest)
         if os.path.lexists(dest) and not self.overwrite:
             raise OutputError("exists; pass --overwrite to replace it", path=dest)
+        check_replaceable(dest)  # before any work: --overwrite replaces only what modelgrow wrote
         self._tmp = make_staging_folder(dest)
         self._state = "open"
         return self
@@ -195,12 +199,14 @@ class CheckpointWriter:
         """Finish (if not done yet) and move the folder into place."""
         self.finish()
         try:
+            write_marker(self._tmp, self._metadata, self.dest)
             with output_errors(self._tmp, self.dest):
                 fsync_path(self._tmp)
                 self._move_into_place()
         except BaseException:
             self._abort()
             raise
+        release(self._tmp)  # the lock moved in with the folder; it is no longer staging
         self._state = "committed"
         written = sorted(self._written.items())
         return [OutputFile(name, size, digest) for name, (size, digest) in written]
@@ -230,9 +236,11 @@ class CheckpointWriter:
         elif not self.overwrite:
             raise _created_meanwhile(dest)
         else:
+            # Checked again: files may have been added since __enter__.
+            check_replaceable(dest)
             # Two renames, not one: rename() cannot replace a non-empty folder. The old
             # checkpoint is deleted only once the new one is in place.
-            aside = unique_sibling(dest, OLD_MARKER)
+            aside = aside_name(self._tmp, dest)
             os.rename(dest, aside)
             try:
                 os.rename(self._tmp, dest)
@@ -299,7 +307,7 @@ class CheckpointWriter:
             self._hasher, self._pending = None, []
         self._shard, self._shard_storages = {}, set()
         if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            remove_path(self._tmp)
 
 
 def _created_meanwhile(dest: Path) -> OutputError:
