@@ -17,12 +17,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import grow, trainer
+from . import grow, signals, trainer
 from .compare import VerifyOptions, VerifyResult, compare
 from .checkpoint import open_checkpoint
 from .describe import describe
 from .destination import check_outputs, source_inputs
-from .engine.state import find_state
+from .engine.state import find_state, read_state
 from .errors import UsageError, VerificationError
 from .onnx_export import ExportOptions, data_path, export_onnx, preflight
 from .fit import FitOptions
@@ -61,6 +61,8 @@ def convert(source: PathLike, dest: PathLike | None = None, spec: GrowthSpec | d
                  tokenizer=fitting.tokenizer if fitting else None)
     if run.onnx is not None and not run.dry_run:
         preflight(run.onnx, overwrite=run.overwrite)  # refuse before growing, not after
+    if not run.dry_run:
+        signals.expect(dest, run.onnx, run.report)  # an interruption then says which of them exist
     report = grow.convert(
         source, None if run.dry_run else dest, spec, operator=operator, operator_options=operator_options,
         config_path=run.config, max_shard_size=run.max_shard_size, overwrite=run.overwrite, verify=run.verify,
@@ -98,8 +100,10 @@ def train(source: PathLike, dest: PathLike, options: TrainOptions | dict[str, An
     given.update(fields)
     where = TrainRun.parse({k: given.pop(k) for k in list(given) if k in TrainRun.model_fields})
     o = TrainOptions.parse(given)
-    data = [*(o.data or ()), *(o.val_data or ())]
     state = find_state(where.resume) if where.resume is not None else None  # the step folder actually read
+    if state is not None:
+        o = o.resumed(read_state(state))  # its options, unless given again: its data is an input too
+    data = [*(o.data or ()), *(o.val_data or ())]
     _check_paths(source, where.config, {"-o/--output": dest, "--report": where.report, "--plot": o.plot},
                  report=where.report, plot=o.plot, data=data, tokenizer=o.tokenizer, resume=state)
     # Step folders go beside OUT; a resume state may lie among them.
@@ -118,6 +122,7 @@ def export(source: PathLike, dest: PathLike, **options: Any) -> ExportResult:
     ``overwrite``, ``config``, ``report``.
     """
     o = ExportOptions.parse(options)
+    signals.expect(o.report)
     _check_paths(source, o.config, {"-o/--output": dest, "the external data file": data_path(dest), "--report": o.report},
                  report=o.report)
     report = export_onnx(source, dest, opset=o.opset, check=o.check, external_data=o.external_data,
@@ -125,6 +130,7 @@ def export(source: PathLike, dest: PathLike, **options: Any) -> ExportResult:
     result = ExportResult(report)
     if o.report is not None:
         result.write(o.report)
+        signals.committed(o.report)
     return result
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from . import signals
 from .version import __version__
 from .errors import EXIT_INTERNAL, ModelgrowError
 from .options import click_option, given, param_name, with_options
@@ -24,20 +25,25 @@ from .options import click_option, given, param_name, with_options
 
 
 def handle_errors(fn):
-    """A user's mistake is one line on stderr and an exit code, never a traceback."""
+    """A user's mistake is one line on stderr and an exit code, never a traceback.
+
+    While the command runs, SIGTERM and SIGHUP unwind it like SIGINT (staging removed):
+    exit 143, 129 and 130, with a line that says what had been written.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with signals.handled():
+                return fn(*args, **kwargs)
         except click.ClickException:
             raise  # click prints usage errors itself (exit code 2)
         except ModelgrowError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(err.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted: nothing was written", err=True)
-            sys.exit(130)
+        except (KeyboardInterrupt, signals.Terminated) as exc:
+            click.echo(signals.message(exc), err=True)
+            sys.exit(signals.exit_code(exc))
         except Exception as err:  # noqa: BLE001 - a bug: say so in one line, trace on request
             if os.environ.get("MODELGROW_DEBUG"):
                 traceback.print_exc()
@@ -56,7 +62,8 @@ def main():
     """Grow a small pretrained transformer checkpoint into a larger one.
 
     Exit codes: 0 success, 1 internal error, 2 bad usage, 3 bad input,
-    4 verification failed, 5 output could not be written.
+    4 verification failed, 5 output could not be written; 129, 130, 143 stopped
+    by SIGHUP, SIGINT, SIGTERM (nothing half-written is left).
     """
 
 

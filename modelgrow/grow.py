@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import plugins
+from . import plugins, signals
 from .version import __version__
 from .checkpoint import CheckpointWriter, parse_size
 from .destination import check_destination
@@ -140,7 +140,8 @@ def convert(
                 report["verify"] = _verify(source, staged, op.promise().exact)
                 timings["verify_s"] = time.perf_counter() - t1
             source.checkpoint.verify_unchanged()
-            files = writer.commit()
+            with signals.committing(dest):
+                files = writer.commit()
         report["output"] = {
             "path": str(dest),
             "params": plan.target_params(),
@@ -152,6 +153,8 @@ def convert(
         write_report(report, report_path)
     except OutputError as err:  # the checkpoint is complete: say so, so a rerun is not a guess
         raise OutputError(f"{dest} was written, but the report could not be: {err.problem}", path=report_path) from None
+    if report_path is not None:
+        signals.committed(report_path)
     return report
 
 

@@ -9,6 +9,9 @@ must match eager PyTorch; only then does the file appear at the destination.
 
 An export with external data is two files, ``NAME.onnx`` and ``NAME.onnx.data``: the
 graph names the data file relatively, so the pair is one artefact to be moved together.
+An --overwrite of such a pair writes the new data as ``NAME.onnx.alt.data`` (and the
+next one as ``NAME.onnx.data`` again), so that the graph at NAME.onnx always names a
+complete data file, whenever the export is killed (``commit_pair``).
 
 onnx, onnxscript and onnxruntime are the optional ``modelgrow[onnx]`` extra; they are
 imported only when an export runs.
@@ -23,10 +26,12 @@ from typing import Any
 
 import torch
 
+from . import signals
 from .version import __version__
 from .architecture import PrimaryOutput
 # The checkpoint writer's staging conventions, so a crashed export is cleaned up alike.
-from .checkpoint.atomic import hash_and_fsync, make_staging_folder, output_errors, remove_path, remove_stale_temps
+from .checkpoint.atomic import (fsync_path, hash_and_fsync, make_staging_folder, output_errors, remove_path,
+                                remove_stale_temps)
 from .options import Options, option
 from .errors import ModelgrowError, OutputError, UsageError
 from .onnx_check import check_parity, measure_latency, open_session, torch_threads
@@ -77,7 +82,7 @@ def check_destination(dest: str | Path, *, overwrite: bool = False, inputs: tupl
     if dest.resolve() in {Path(p).resolve() for p in inputs}:
         raise OutputError("output path is the input", path=dest, hint="choose another -o/--output")
     if not overwrite:
-        for path in (dest, data_path(dest)):
+        for path in (dest, data_path(dest), alt_data_path(dest)):
             if os.path.lexists(path):
                 raise OutputError("exists; pass --overwrite to replace it", path=path)
     return dest
@@ -128,6 +133,7 @@ def export_onnx(
     dest = Path(dest)
     with open_source(checkpoint_path, config_path) as source:
         check_destination(dest, overwrite=overwrite, inputs=_input_paths(source))
+        signals.expect(dest)
         module = _load(source)
         shape = fit_shape(EXAMPLE_SHAPE, source)
         example = source.arch.example_inputs(source.config, *shape, torch.Generator().manual_seed(0))
@@ -181,7 +187,9 @@ def export_onnx(
                 report["parity"] = {"skipped": "--no-check"}
             check_s = time.perf_counter() - t1
             files = [_describe(staged)] + ([_describe(data_path(staged))] if external else [])
-            _commit(staging, dest, external)
+            used = commit_pair(staging, dest, external)
+            if used is not None and used != data_path(dest):  # the graph now names the other data file
+                files = [_describe(dest), {**files[1], "name": used.name}]
         finally:
             remove_path(staging)
     report["output"] = {
@@ -232,15 +240,88 @@ def _describe(path: Path) -> dict[str, Any]:
     return {"name": path.name, "bytes": size, "sha256": sha256}
 
 
-def _commit(staging: Path, dest: Path, external: bool) -> None:
-    """Move the checked pair into place: the data first, so the graph never points at nothing."""
-    data = data_path(dest)
-    with output_errors(dest, dest):
-        if external:
-            os.replace(staging / data.name, data)
-        os.replace(staging / dest.name, dest)
-        if not external and os.path.lexists(data):
-            os.unlink(data)  # left by an earlier export with --overwrite; no longer referenced
+def alt_data_path(dest: str | Path) -> Path:
+    """The other name for the data: taken by an --overwrite while the old graph reads OUTPUT.data."""
+    dest = Path(dest)
+    return dest.with_name(dest.name + ".alt.data")
+
+
+def commit_pair(staging: Path, dest: Path, external: bool) -> Path | None:
+    """Move the checked pair into place so that a kill at any moment leaves a whole pair; return the data file.
+
+    The graph at ``dest`` only ever names a data file that is complete: the new data goes
+    in under a name the old graph does not read (OUTPUT.data, or OUTPUT.alt.data when the
+    old graph reads OUTPUT.data), the graph is renamed last, and the old data is removed
+    after. (A hard link back to OUTPUT.data would leave a window in which onnx refuses the
+    file as a "hardlink attack"; a copy would double the disk used.) SIGTERM and friends
+    wait for the end of this (modelgrow.signals.committing); a SIGKILL can leave only an
+    unreferenced data file behind, which the next --overwrite removes.
+    """
+    data, alt = data_path(dest), alt_data_path(dest)
+    with output_errors(dest, dest), signals.committing(dest):
+        if not external:
+            os.replace(staging / dest.name, dest)
+            _remove(data, alt)  # an earlier export's data: the new graph holds its weights
+            used = None
+        else:
+            old = _referenced(dest)
+            used, other = (alt, data) if data.name in old else (data, alt)
+            if used == alt:
+                _relocate(staging / dest.name, alt.name)
+            os.replace(staging / data.name, used)
+            os.replace(staging / dest.name, dest)
+            _remove(other)  # the old data (or a killed export's), which the new graph does not read
+        fsync_path(dest.parent)
+    return used
+
+
+def _referenced(graph: Path) -> set[str]:
+    """The external data files an existing graph reads (none if it has no graph)."""
+    if not graph.is_file() or not (data_path(graph).exists() or alt_data_path(graph).exists()):
+        return set()
+    import onnx
+
+    try:
+        model = onnx.load(str(graph), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a graph we can read: protect both names
+        return {data_path(graph).name, alt_data_path(graph).name}
+    return {e.value for t in _tensors(model) for e in t.external_data if e.key == "location"}
+
+
+def _tensors(model):
+    """Every TensorProto of a model: initializers and tensor attributes, subgraphs included."""
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+
+
+def _relocate(graph: Path, location: str) -> None:
+    """Rewrite ``graph`` in place so that every external tensor is read from ``location``."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    for t in _tensors(model):
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    tmp = graph.with_name(graph.name + ".tmp")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, graph)
+
+
+def _remove(*paths: Path) -> None:
+    for path in paths:
+        if os.path.lexists(path) and not path.is_dir():
+            os.unlink(path)
 
 
 # -- printing -----------------------------------------------------------------------------

@@ -16,6 +16,10 @@ from .options import Options, defaults, option
 
 # Options that do not change the trajectory: a resumed run may give other values.
 RESUME_FREE = ("save_every", "plot", "device", "data", "val_data", "tokenizer")
+# Options a resumed run does not take from the step folder: where this run draws its plot
+# (an output path is given each time, never inherited).
+NOT_RESUMED = ("plot",)
+RESUMED_PATHS = ("data", "val_data", "tokenizer")
 
 
 @defaults(lr=1e-3, weight_decay=0.1, eval_batches=8)
@@ -47,14 +51,37 @@ class TrainOptions(LoopOptions):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainOptions:
-        if not self.data:
-            raise UsageError("no training data given", hint="pass --data FILE (text, .npy or .bin ids)")
         if self.relora and self.restart_warmup >= self.relora_every:
             raise UsageError(f"--restart-warmup must be in [0, --relora-every), got {self.restart_warmup}")
         if self.relora and self.warmup is not None and self.warmup > self.relora_every:
             raise UsageError(f"--warmup {self.warmup} is longer than --relora-every {self.relora_every}",
                              hint="the first warmup must end before the first restart")
         return self
+
+    def require_data(self) -> TrainOptions:
+        """Checked once a resume has had its say: a resumed run may take --data from its step folder."""
+        if not self.data:
+            raise UsageError("no training data given", hint="pass --data FILE (text, .npy or .bin ids)")
+        return self
+
+    def resumed(self, state: dict) -> TrainOptions:
+        """The step folder's options, overridden by those the caller gave (set explicitly).
+
+        Relative data paths are taken from the folder the interrupted run started in.
+        Whether the given ones may differ is the resume check's business (RESUME_FREE).
+        """
+        stored = state.get("options") or {}
+        merged = {k: v for k, v in stored.items() if k in type(self).model_fields and k not in NOT_RESUMED}
+        start = state.get("cwd")
+        if start and Path(start) != Path.cwd():
+            for key in RESUMED_PATHS:
+                value = merged.get(key)
+                if isinstance(value, list):
+                    merged[key] = [str(Path(start) / v) for v in value]
+                elif isinstance(value, str):
+                    merged[key] = str(Path(start) / value)
+        merged.update(self.model_dump(include=self.model_fields_set))
+        return type(self).parse(merged)
 
     @property
     def warmup_steps(self) -> int:
@@ -86,7 +113,8 @@ class TrainRun(Options):
     kind = "train"
 
     resume: Path | None = option(None, "Continue from a step folder (or the latest one in OUTPUT-checkpoints/); "
-                                       "give the same options.")
+                                       "its options apply unless given again, and must match where they shape "
+                                       "the run.")
     config: Path | None = option(None, "config.json, when not beside SOURCE.")
     max_shard_size: str | int = option("2GB", "Largest shard in bytes (KB/MB/GB, KiB/MiB/GiB).")
     overwrite: bool = option(False, "Replace OUTPUT (and its step folders) if they exist.")

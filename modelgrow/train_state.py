@@ -28,7 +28,8 @@ from safetensors.torch import save_file
 
 from .checkpoint import CheckpointWriter
 from .checkpoint.atomic import fsync_path
-from .engine.state import STATE_DIR, STATE_FORMAT, STATE_JSON, STATE_TENSORS
+from .engine.state import STATE_DIR, STATE_FORMAT, STATE_JSON, STATE_TENSORS, is_step_folder, remove_step_folders
+from .errors import OutputError, UsageError
 from .relora import LoRAAdapter
 
 
@@ -110,3 +111,55 @@ def save_step(dest: Path, source, weights: WeightMap, adapters: list[LoRAAdapter
         for path in (folder / STATE_TENSORS, folder / STATE_JSON, folder):
             fsync_path(path)  # works for files too: fsync of an O_RDONLY descriptor
         writer.commit()
+
+
+def check_resume(resume_from: Path, state: dict, *, options, free: tuple[str, ...], fingerprints, seq_len: int,
+                 params: int, identity) -> None:
+    """Refuse to continue a step folder with another source, other data or other options (exit 2).
+
+    ``fingerprints`` and ``identity`` are callables: hashing data and source files costs
+    time, paid only when a resume needs it. A step folder written before the source was
+    recorded (no ``source_identity``) is checked on the parameter count alone.
+    """
+    where = resume_from / STATE_DIR / STATE_JSON
+    mine, theirs = options.as_dict(), state.get("options", {})
+    differ = [k for k in mine if k not in free and mine[k] != theirs.get(k)]  # free: options that may change
+    if differ:
+        shown = ", ".join(f"{k}: {theirs.get(k)!r} there, {mine[k]!r} now" for k in differ[:4])
+        raise UsageError(f"--resume {resume_from}: the run was started with other options ({shown})",
+                         hint="leave them out to take the stored ones, or give the interrupted run's values")
+    if state.get("seq_len") != seq_len or state.get("source_params") != params:
+        raise UsageError(f"--resume {resume_from}: it was saved for another model or sequence length", path=where)
+    recorded = state.get("source_identity")
+    if recorded is not None:
+        now = identity()
+        key = lambda files: sorted((f.get("name"), f.get("bytes"), f.get("sha256")) for f in files)  # noqa: E731
+        if key(recorded) != key(now):
+            was = ", ".join(f"{f['name']} ({f['bytes']:,} bytes, sha256 {f['sha256'][:12]})" for f in recorded[:2])
+            raise UsageError(f"--resume {resume_from}: it continues a run on another source checkpoint (that run "
+                             f"read {was}; this SOURCE differs)", hint="give the SOURCE the interrupted run trained")
+    if state.get("fingerprints") != fingerprints():
+        raise UsageError(f"--resume {resume_from}: the training or validation tokens differ from the interrupted run's",
+                         hint="give the same --data/--val-data (and tokenizer)")
+    step = state.get("step")
+    if not isinstance(step, int) or not 0 < step < options.steps:
+        raise UsageError(f"--resume {resume_from}: it is at step {step} of {options.steps}")
+
+
+def remove_earlier_steps(parent: Path, inputs: list[Path]) -> None:
+    """--overwrite without --resume: the earlier run's step folders go, so no resume continues them.
+
+    Only folders modelgrow wrote (training_state/state.json with its format marker); a step
+    folder that holds one of this run's inputs (training from a step of the earlier run)
+    is refused rather than deleted.
+    """
+    if not parent.is_dir():
+        return
+    steps = [p.resolve() for p in parent.glob("step-*") if p.is_dir() and not p.is_symlink() and is_step_folder(p)]
+    for path in inputs:
+        held = [s for s in steps if Path(path).resolve().is_relative_to(s)]
+        if held:
+            raise OutputError(f"--overwrite would delete the earlier run's step folder {held[0]}, which holds "
+                              f"{path}, an input of this run", path=parent,
+                              hint="copy that step elsewhere first, or write to another -o/--output")
+    remove_step_folders(parent)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import corpus, seeding, train_state
+from . import corpus, seeding, signals, train_state
 from .version import __version__
 from .checkpoint import CheckpointWriter, parse_size
 from .destination import check_destination
@@ -68,17 +69,26 @@ def train(checkpoint: str | Path, dest: str | Path, options: TrainOptions | dict
     """
     started = time.perf_counter()
     opts = TrainOptions.parse(options)
+    resume_from = step_state.find_state(resume) if resume is not None else None
+    state = step_state.read_state(resume_from) if resume_from is not None else None
+    if state is not None:
+        opts = opts.resumed(state)  # the step folder's options, unless given again
+    opts.require_data()
     dest = Path(dest)
     max_shard_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     with open_source(checkpoint, config_path) as source:
         check_destination(source, dest)
-        trainer = Trainer(source, opts, dest, resume=resume, overwrite=overwrite, report_path=report_path,
-                          max_shard_bytes=max_shard_bytes)
+        trainer = Trainer(source, opts, dest, resume_from=resume_from, state=state, overwrite=overwrite,
+                          report_path=report_path, max_shard_bytes=max_shard_bytes)
         if not is_writer():
             return trainer.run(None, progress=False, started=started)  # a data-parallel helper rank
+        signals.expect(dest, report_path)
+        if overwrite and state is None:  # the earlier run's step folders go with it: no resume continues them
+            train_state.remove_earlier_steps(checkpoints_dir(dest), trainer.inputs())
         with CheckpointWriter(dest, max_shard_bytes=max_shard_bytes, metadata=trainer.metadata(), overwrite=overwrite) as writer:
             report = trainer.run(writer, progress=progress, started=started)
-            files = writer.commit()
+            with signals.committing(dest):
+                files = writer.commit()
         report["output"] = {"path": str(dest), "params": source.param_count(),
                             "files": [{"name": f.path, "bytes": f.bytes, "sha256": f.sha256} for f in files]}
     if opts.plot:
@@ -86,14 +96,16 @@ def train(checkpoint: str | Path, dest: str | Path, options: TrainOptions | dict
         report["plot"] = str(opts.plot)
     report["wall_s"] = time.perf_counter() - started
     write_report(report, report_path)
+    if report_path is not None:
+        signals.committed(report_path)
     return report
 
 
 class Trainer:
     """A prepared run: options checked, data loaded and split, resume state read."""
 
-    def __init__(self, source: SourceModel, options: TrainOptions, dest: Path, *, resume=None, overwrite=False,
-                 report_path=None, max_shard_bytes: int = 2_000_000_000):
+    def __init__(self, source: SourceModel, options: TrainOptions, dest: Path, *, resume_from: Path | None = None,
+                 state: dict | None = None, overwrite=False, report_path=None, max_shard_bytes: int = 2_000_000_000):
         self.source, self.options, self.dest = source, options, dest
         self.max_shard_bytes = max_shard_bytes
         o = options
@@ -110,9 +122,12 @@ class Trainer:
             require_matplotlib()
         self._load_data()
         self._fingerprints: dict | None = None
+        self._identity: list[dict] | None = None
         self.saved: list[str] = []  # step folders written
-        self.resume_from = step_state.find_state(resume) if resume is not None else None
-        self.state = self._check_resume() if self.resume_from else None
+        self.resume_from, self.state = resume_from, state
+        if state is not None:
+            train_state.check_resume(resume_from, state, options=o, free=RESUME_FREE, fingerprints=self.fingerprints,
+                                     seq_len=self.seq_len, params=source.param_count(), identity=self.source_identity)
         if o.save_every and not self.state and not overwrite and checkpoints_dir(dest).exists():
             raise OutputError("exists; pass --overwrite to replace its step folders, or --resume from one",
                               path=checkpoints_dir(dest))
@@ -170,24 +185,17 @@ class Trainer:
                                   "val": step_state.fingerprint(self.val_data.tokens) if self.val_data is not None else None}
         return self._fingerprints
 
-    def _check_resume(self) -> dict:
-        state = step_state.read_state(self.resume_from)
-        where = self.resume_from / step_state.STATE_DIR / step_state.STATE_JSON
-        mine, theirs = self.options.as_dict(), state.get("options", {})
-        differ = [k for k in mine if k not in RESUME_FREE and mine[k] != theirs.get(k)]
-        if differ:
-            shown = ", ".join(f"{k}: {theirs.get(k)!r} there, {mine[k]!r} now" for k in differ[:4])
-            raise UsageError(f"--resume {self.resume_from}: the run was started with other options ({shown})",
-                             hint="resume with the options of the interrupted run")
-        if state.get("fingerprints") != self.fingerprints():
-            raise UsageError(f"--resume {self.resume_from}: the training or validation tokens differ from the interrupted run's",
-                             hint="give the same --data/--val-data (and tokenizer)")
-        if state.get("seq_len") != self.seq_len or state.get("source_params") != self.source.param_count():
-            raise UsageError(f"--resume {self.resume_from}: it was saved for another model or sequence length", path=where)
-        step = state.get("step")
-        if not isinstance(step, int) or not 0 < step < self.options.steps:
-            raise UsageError(f"--resume {self.resume_from}: it is at step {step} of {self.options.steps}")
-        return state
+    def source_identity(self) -> list[dict]:
+        """What a resume checks the source against (names, sizes, headers, content samples)."""
+        if self._identity is None:
+            self._identity = step_state.source_identity(self.source.checkpoint.files)
+        return self._identity
+
+    def inputs(self) -> list[Path]:
+        """Every file this run reads: an --overwrite must not delete any of them."""
+        ckpt, o = self.source.checkpoint, self.options
+        return [Path(p) for p in (*ckpt.files, ckpt.config_path, self.tokenizer, *(o.data or []), *(o.val_data or []))
+                if p is not None]
 
     def metadata(self) -> dict[str, str]:
         # Without the options that only say where extras go: a resumed run writes the
@@ -356,7 +364,7 @@ class Trainer:
             "format": step_state.STATE_FORMAT, "version": step_state.STATE_VERSION, "step": done,
             "options": self.options.as_dict(), "fingerprints": self.fingerprints(), "seq_len": self.seq_len,
             "source": str(self.source.path), "source_params": self.source.param_count(), "world_size": self.dist.world,
-            "history": history,
+            "source_identity": self.source_identity(), "cwd": os.getcwd(), "history": history,
         }
         checkpoints_dir(self.dest).mkdir(exist_ok=True)
         train_state.save_step(folder, self.source, weights, adapters, tensors, state,

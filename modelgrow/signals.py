@@ -1,0 +1,165 @@
+"""SIGTERM and SIGHUP handled like SIGINT, and what a command had written when one came.
+
+SIGINT raises KeyboardInterrupt, which unwinds the ``with CheckpointWriter(...)``
+blocks so that their staging folders are removed. ``timeout``, Kubernetes, Slurm and
+``docker stop`` send SIGTERM, a closed terminal SIGHUP: ``handled()`` (installed by the
+command line around one command, never by the library) turns those into
+``Terminated``, a BaseException like KeyboardInterrupt, so the same clean-up runs and
+the CLI exits 128 + the signal's number (143 for SIGTERM, 129 for SIGHUP, 130 for SIGINT).
+A signal its parent process ignores (``nohup``, a background job's SIGINT) stays ignored.
+Only the first signal raises; clean-up is not interrupted by a second one.
+
+The registry says what a command has published, so that the message after a signal is
+true: an engine wraps each commit in ``committing(path)``, which holds a signal back
+while the rename runs and records ``path`` once it is in place; ``expect(path)``
+declares an output the command means to write, so that the message can also say what
+was not written. Library callers may use both; without ``handled()`` they only record.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwind like KeyboardInterrupt, then exit 128 + signum."""
+
+    def __init__(self, signum: int):
+        self.signum = int(signum)
+        super().__init__(f"terminated by {SIGNAL_NAMES.get(self.signum, self.signum)}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def exit_code(exc: BaseException) -> int:
+    """The shell's convention for a process ended by a signal: 128 + its number."""
+    if isinstance(exc, Terminated):
+        return exc.exit_code
+    return 128 + signal.SIGINT  # KeyboardInterrupt
+
+
+class _Run:
+    """What the running command has published and still means to publish."""
+
+    def __init__(self) -> None:
+        self.committed: list[str] = []
+        self.expected: list[str] = []
+        self.defer = 0  # depth of committing() blocks: a signal waits for their end
+        self.pending: int | None = None
+        self.raised = False  # only the first signal raises; clean-up runs undisturbed
+
+
+_run = _Run()
+_lock = threading.Lock()
+
+
+def reset() -> None:
+    """Forget what an earlier command recorded (the CLI calls this before each command)."""
+    global _run
+    with _lock:
+        _run = _Run()
+
+
+def expect(*paths: str | Path | None) -> None:
+    """Declare outputs this command means to write (None is skipped)."""
+    with _lock:
+        for p in paths:
+            if p is not None and str(Path(p)) not in _run.expected:
+                _run.expected.append(str(Path(p)))
+
+
+def committed(path: str | Path) -> None:
+    """Record that ``path`` is published (call right after its commit)."""
+    with _lock:
+        if str(Path(path)) not in _run.committed:
+            _run.committed.append(str(Path(path)))
+
+
+def written() -> list[str]:
+    return list(_run.committed)
+
+
+@contextmanager
+def committing(path: str | Path) -> Iterator[None]:
+    """Hold SIGTERM/SIGHUP/SIGINT back while ``path`` is moved into place; record it after.
+
+    Use around the commit itself (renames and fsyncs, never a long computation): a signal
+    that arrives meanwhile is raised as soon as the block ends, so the registry always
+    agrees with what is on disk.
+    """
+    run = _run
+    run.defer += 1
+    try:
+        yield
+        committed(path)
+    finally:
+        run.defer -= 1
+        if run.defer == 0 and run.pending is not None:
+            signum, run.pending = run.pending, None
+            _raise(signum)
+
+
+def message(exc: BaseException) -> str:
+    """The one line the CLI prints after a signal, true about what was written."""
+    what = "interrupted" if not isinstance(exc, Terminated) else f"terminated by {SIGNAL_NAMES.get(exc.signum, exc.signum)}"
+    done = list(_run.committed)
+    if not done:
+        return f"{what}: nothing was written"
+    missing = [p for p in _run.expected if p not in done]
+    text = f"{what} after writing {', '.join(done)}"
+    if missing:
+        text += f"; {', '.join(missing)} {'was' if len(missing) == 1 else 'were'} not written"
+    return text
+
+
+def _raise(signum: int) -> None:
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Terminated(signum)
+
+
+def _handler(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    run = _run
+    if run.raised:
+        return  # a second signal while cleaning up: let the clean-up finish
+    run.raised = True
+    if run.defer:
+        run.pending = signum
+        return
+    _raise(signum)
+
+
+@contextmanager
+def handled(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)) -> Iterator[None]:
+    """While the block runs, SIGTERM/SIGHUP raise Terminated and SIGINT KeyboardInterrupt.
+
+    Signals that are ignored or handled by someone else stay so; the previous handlers are
+    put back afterwards. Outside the main thread (where Python cannot install handlers)
+    this does nothing.
+    """
+    reset()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for signum in signums:
+        current = signal.getsignal(signum)
+        ours = current is signal.SIG_DFL or (signum == signal.SIGINT and current is signal.default_int_handler)
+        if ours:
+            previous[signum] = signal.signal(signum, _handler)
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+__all__ = ["Terminated", "committed", "committing", "exit_code", "expect", "handled", "message", "reset", "written"]
