@@ -83,3 +83,22 @@ def test_a_report_modelgrow_wrote_is_replaced(project, tmp_path):
         result = modelgrow("convert", project / "src", "--dry-run", "--width", width, "--report", report, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
     assert json.loads(report.read_text())["plan"]["target"]["residual"] == 96
+
+
+def test_a_report_failing_after_the_commit_says_the_checkpoint_was_written(project, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from modelgrow import grow
+    from modelgrow.cli import main
+    from modelgrow.errors import OutputError
+
+    def full_disk(report, path):
+        raise OutputError("no space left writing the report", path=path)
+
+    monkeypatch.setattr(grow, "write_report", full_disk)
+    out, report = tmp_path / "out", tmp_path / "r.json"
+    result = CliRunner().invoke(main, ["convert", str(project / "src"), "-o", str(out), "--width", "2x",
+                                       "--report", str(report)])
+    assert result.exit_code == 5 and f"{out} was written, but the report could not be" in result.output
+    assert (out / "model.safetensors").is_file() and not report.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
