@@ -57,7 +57,7 @@ def convert(source: PathLike, dest: PathLike | None = None, spec: GrowthSpec | d
     outputs = {"--report": run.report}
     if not run.dry_run:
         outputs.update({"-o/--output": dest, "--onnx": run.onnx, "--onnx data": data_path(run.onnx) if run.onnx else None})
-    _check_paths(source, run.config, outputs, report=run.report, data=fitting.data or () if fitting else (),
+    _check_paths(source, run.config, outputs, report=run.report, data=(fitting.data or ()) if fitting else (),
                  tokenizer=fitting.tokenizer if fitting else None)
     if run.onnx is not None and not run.dry_run:
         preflight(run.onnx, overwrite=run.overwrite)  # refuse before growing, not after

@@ -56,7 +56,7 @@ from .errors import InputError, OutputError, UsageError
 from .plots import plot_curves, require_matplotlib
 from .relora import add_adapters, adapter_targets, remove_adapters, restart
 from .report import write_report
-from .train_options import RESUME_FREE, TrainOptions, TrainRun, checkpoints_dir, restart_generator
+from .train_options import RESUME_FREE, TrainOptions, checkpoints_dir, restart_generator
 from .source import SourceModel, load_module, open_source
 
 def train(checkpoint: str | Path, dest: str | Path, options: TrainOptions | dict[str, Any], *, overwrite: bool = False,

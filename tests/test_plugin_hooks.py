@@ -322,6 +322,8 @@ def test_an_operator_plugin_declares_its_own_flags(registered, demo, tmp_path):
 
 
 def test_an_operator_that_only_says_it_is_learned_is_refused(registered, demo, tmp_path):
+    import torch
+
     from modelgrow.operators.base import Operator
 
     class Pretends(Operator):
