@@ -139,6 +139,8 @@ def convert(source, output, operator, quiet, **values):
         click.echo(format_plan(report))
     if "verify" in report:
         click.echo(format_verify(report["verify"]))
+    for name, why in report.get("tagalong", {}).get("left_behind", {}).items():
+        click.echo(f"warning: {name} was not copied: {why}", err=True)
     if result.output is not None:
         files = report["output"]["files"]
         click.echo(f"wrote {result.output} ({len(files)} files, {sum(f['bytes'] for f in files):,} bytes) "

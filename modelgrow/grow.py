@@ -130,6 +130,8 @@ def convert(
             writer.write_json("config.json", plan.config)
             for f in source.checkpoint.tagalong_files():
                 writer.copy_file(f)
+            report["tagalong"] = {"copied": [f.name for f in source.checkpoint.tagalong_files()],
+                                  "left_behind": source.checkpoint.skipped_tagalong()}
             staged = writer.finish()
             timings["write_s"] = time.perf_counter() - t0
             # A source rewritten while it was read would give a mixed model: say so before

@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
+from modelgrow.checkpoint import tagalong
 from modelgrow.checkpoint.pinned import FileIdentity, ShardFile, check_unchanged, identity
 from modelgrow.checkpoint.safetensors_format import TensorInfo, read_header, shorten
 from modelgrow.errors import CheckpointError
@@ -80,6 +81,7 @@ class Checkpoint:
         tensors: dict[str, TensorInfo],
         metadata: dict[str, str],
         in_model_folder: bool,
+        skipped_tagalong: dict[str, str] | None = None,
         data_starts: dict[Path, int],
         pins: dict[Path, FileIdentity | None],
     ):
@@ -91,6 +93,7 @@ class Checkpoint:
         self.metadata = metadata
         self._tensors = tensors
         self._in_model_folder = in_model_folder
+        self._skipped = dict(skipped_tagalong or {})
         self._data_starts = data_starts
         self._pins = pins
         self._handles: dict[Path, ShardFile] = {}
@@ -141,6 +144,10 @@ class Checkpoint:
         Call it after the last read, before committing anything derived from it.
         """
         check_unchanged(self._pins, self._handles)
+
+    def skipped_tagalong(self) -> dict[str, str]:
+        """Tag-along files left behind, with the reason (a link out of the folder, a FIFO, ...)."""
+        return dict(self._skipped)
 
     def tagalong_files(self) -> list[Path]:
         """Tokenizer and similar files to copy beside the grown weights (those there when opened)."""
@@ -206,9 +213,14 @@ def _open_checkpoint(given: Path, config_path: str | Path | None) -> Checkpoint:
     # Tag-along files only make sense when the weights sit in a model folder with their
     # config; a loose file paired with a config from elsewhere has no tokenizer of its own.
     in_model_folder = given.is_dir() or config_file.resolve() == default_config.resolve()
+    skipped: dict[str, str] = {}
     if in_model_folder:
-        tagalong = [root / name for name in TAGALONG_FILES if (root / name).is_file()]
-        pins.update((path, identity(path)) for path in tagalong)
+        for name in TAGALONG_FILES:
+            real, why = tagalong.vet(root, name)
+            if real is not None:
+                pins[root / name] = identity(real)
+            elif why is not None:
+                skipped[name] = why
     return Checkpoint(
         path=given,
         root=root,
@@ -218,6 +230,7 @@ def _open_checkpoint(given: Path, config_path: str | Path | None) -> Checkpoint:
         tensors=tensors,
         metadata=metadata,
         in_model_folder=in_model_folder,
+        skipped_tagalong=skipped,
         data_starts=data_starts,
         pins=pins,
     )

@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from modelgrow.checkpoint.atomic import (
     remove_stale_temps,
 )
 from modelgrow.checkpoint.marker import check_replaceable, write_marker
+from modelgrow.checkpoint.tagalong import copy_regular, vet
 from modelgrow.errors import InputError, OutputError
 
 SINGLE_FILE = "model.safetensors"
@@ -166,11 +166,14 @@ class CheckpointWriter:
         src = Path(src)
         name = name or src.name
         self._check_side_file_name(name)
-        if not src.is_file():
-            raise InputError("cannot copy: not a file", path=src)
         path = self._tmp / name
         with output_errors(path, self.dest):
-            shutil.copyfile(src, path)  # content only: no timestamps or modes carried over
+            # Content only, from a regular file reached without a final link, under a cap:
+            # no timestamps or modes carried over (modelgrow.checkpoint.tagalong).
+            real, why = vet(src.parent, src.name)  # again: the folder may have changed since it was opened
+            if real is None:
+                raise InputError(f"cannot copy: {why or 'it is gone'}", path=src)
+            copy_regular(real, path)
             self._record(name)
 
     # -- committing --------------------------------------------------------------------
