@@ -23,7 +23,7 @@ from .checkpoint import open_checkpoint
 from .describe import describe
 from .destination import check_outputs, source_inputs
 from .engine.state import find_state, read_state
-from .errors import UsageError, VerificationError
+from .errors import UsageError
 from .onnx_export import ExportOptions, data_path, export_onnx, preflight
 from .fit import FitOptions
 from .grow import ConvertOptions
@@ -84,8 +84,7 @@ def verify(source: PathLike, grown: PathLike, *, check: bool = False, **options:
     with open_source(source, o.config) as s, open_source(grown) as g:
         result = compare(s, g, batch=o.batch, seq=o.seq, seed=o.seed)
     if check and not result.passed:
-        raise VerificationError(f"outputs differ from {source} by {result.max_abs_diff:.3g} "
-                                f"(tolerance {result.tolerance:.3g})", path=grown)
+        raise result.failure(source, grown)
     return result
 
 

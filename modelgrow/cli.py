@@ -224,14 +224,12 @@ def verify(source, grown, as_json, **values):
     Exits 4 when they differ by more than the tolerance.
     """
     from . import api
-    from .errors import VerificationError
     from .summaries import format_verify
 
     result = api.verify(source, grown, **given(values, _verify_group()))
     click.echo(result.to_json() if as_json else format_verify(result.as_dict()))
     if not result.passed:
-        err = VerificationError(f"outputs differ from {source} by {result.max_abs_diff:.3g} "
-                                f"(tolerance {result.tolerance:.3g})", path=grown)
+        err = result.failure(source, grown)
         click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
 

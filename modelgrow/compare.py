@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import VerificationError
 from .options import Options, option
 from .source import SourceModel, load_module
 
@@ -42,6 +43,11 @@ class VerifyResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def failure(self, source, grown) -> VerificationError:
+        """The error a failed comparison of ``source`` and ``grown`` is reported as (exit 4)."""
+        return VerificationError(f"outputs differ from {source} by {self.max_abs_diff:.3g} "
+                                 f"(tolerance {self.tolerance:.3g})", path=grown)
 
     def to_json(self, indent: int | None = 2) -> str:
         import json

@@ -33,6 +33,7 @@ from .architecture import PrimaryOutput
 from .checkpoint.atomic import (fsync_path, hash_and_fsync, make_staging_folder, output_errors, remove_path,
                                 remove_stale_temps)
 from .options import Options, option
+from .destination import check_outputs, source_inputs
 from .errors import ModelgrowError, OutputError, UsageError
 from .onnx_check import check_parity, measure_latency, open_session, torch_threads
 from .onnx_graph import dynamic_axes, fit_shape, initializer_bytes, one_line, quiet_exporter, tidy_initializers
@@ -70,7 +71,7 @@ def data_path(dest: str | Path) -> Path:
     return dest.with_name(dest.name + ".data")
 
 
-def check_destination(dest: str | Path, *, overwrite: bool = False, inputs: tuple[Path, ...] = ()) -> Path:
+def check_destination(dest: str | Path, *, overwrite: bool = False) -> Path:
     """Refuse a destination we could not or should not write, before any work is done."""
     dest = Path(dest)
     if not dest.name or dest.name in (".", ".."):
@@ -79,8 +80,6 @@ def check_destination(dest: str | Path, *, overwrite: bool = False, inputs: tupl
         raise OutputError(f"parent folder {dest.parent} does not exist", path=dest)
     if dest.is_dir():
         raise OutputError("is a folder; give a file name such as model.onnx", path=dest)
-    if dest.resolve() in {Path(p).resolve() for p in inputs}:
-        raise OutputError("output path is the input", path=dest, hint="choose another -o/--output")
     if not overwrite:
         for path in (dest, data_path(dest), alt_data_path(dest)):
             if os.path.lexists(path):
@@ -132,7 +131,8 @@ def export_onnx(
                          hint=f"use --opset {MIN_OPSET} or higher")
     dest = Path(dest)
     with open_source(checkpoint_path, config_path) as source:
-        check_destination(dest, overwrite=overwrite, inputs=_input_paths(source))
+        check_destination(dest, overwrite=overwrite)
+        check_outputs(source_inputs(source), {"-o/--output": dest, "the external data file": data_path(dest)})
         signals.expect(dest)
         module = _load(source)
         shape = fit_shape(EXAMPLE_SHAPE, source)
@@ -203,11 +203,6 @@ def export_onnx(
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def _input_paths(source: SourceModel) -> tuple[Path, ...]:
-    ckpt = source.checkpoint
-    return (Path(ckpt.path), Path(ckpt.root), *(Path(f) for f in ckpt.files))
 
 
 def _load(source: SourceModel) -> torch.nn.Module:

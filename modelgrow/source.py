@@ -50,6 +50,7 @@ class SourceModel:
         # Checkpoints of the bare base model (and the canonical GPT-2 file) omit the prefix.
         self.prefixed = bool(prefix) and any(n.startswith(prefix) for n in names)
         self.tied = arch.has_tied_head(self.config)
+        self.tied_names = set(arch.tied_parameters(self.config))  # stored once, as what they share
         self.present: set[str] = set()  # spec names present in this checkpoint
         self._bound: dict[tuple[str, int | None], BoundTensor] = {}
         self._bind(names)
@@ -156,17 +157,13 @@ class SourceModel:
         return bool(self.layout.tie) and self.arch.class_info(self.config).get("tied_head", False)
 
     def is_tied_head(self, spec: TensorSpec) -> bool:
-        return bool(self.layout.tie) and spec.name == self.layout.tie["head"] and self.tied
+        return spec.name in self.tied_names
 
     def expected_shape(self, spec: TensorSpec, dims: Dims, actual: tuple[int, ...]) -> tuple[int, ...] | None:
         """The shape a spec must have under ``dims``; fixed roles keep ``actual``'s size."""
         if len(actual) != len(spec.axes):
             return None
-        shape = []
-        for size, roles in zip(actual, spec.axes):
-            sizes = [dims.role_size(r) for r in roles]
-            shape.append(size if any(s is None for s in sizes) else sum(sizes))
-        return tuple(shape)
+        return tuple(size if want is None else want for size, want in zip(actual, dims.axis_sizes(spec)))
 
     def _check_shape(self, spec: TensorSpec, name: str) -> None:
         actual = tuple(self.checkpoint.info(name).shape)

@@ -120,7 +120,6 @@ class MangoOperator(LearnedOperator):
         channels = plan_channels(self.plan, self.rank, self.layout)
         self.notes += channels.notes
         self.depth_fallback = channels.depth_fallback
-        self.own_maps = channels.own
         for mode, role in channels.own:  # a role on its own map is read in place: unit t at position t
             self.buffers[f"readback.{mode}.{role}"] = torch.arange(self.plan.new.role_size(role))
         self.inexact_roles = channels.inexact_roles
