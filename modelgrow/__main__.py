@@ -8,7 +8,7 @@ import sys
 # from installed distributions only: drop it (modelgrow itself is already imported).
 sys.path[:] = [p for p in sys.path if p not in ("", os.getcwd())]
 
-from .cli import main  # noqa: E402 - after the path is made safe
+from .cli import run  # noqa: E402 - after the path is made safe
 
 if __name__ == "__main__":
-    main(prog_name="modelgrow")
+    run()

@@ -6,10 +6,12 @@ and a growth operator registered by a plugin gets its own flags on `convert`.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -65,6 +67,42 @@ def main():
     4 verification failed, 5 output could not be written; 129, 130, 143 stopped
     by SIGHUP, SIGINT, SIGTERM (nothing half-written is left).
     """
+
+
+def run() -> None:
+    """The ``modelgrow`` command: ``main`` with the signal handler kept for the whole process.
+
+    A signal before the command starts exits 128 + its number with "nothing was written";
+    one after the command has finished is ignored (see ``signals``). The process then
+    ends without the interpreter's teardown: freeing torch's objects takes about a second,
+    during which a signal would kill a finished command with no message and no clean exit.
+    """
+    signals.for_process()
+    try:
+        main(prog_name="modelgrow")
+        code = 0
+    except SystemExit as done:
+        code = done.code
+    except signals.Terminated as exc:
+        click.echo(signals.message(exc), err=True)
+        code = signals.exit_code(exc)
+    _exit_now(code)
+
+
+def _exit_now(code) -> None:
+    """Exit as sys.exit(code) would, after atexit's work, without tearing the interpreter down."""
+    if code is not None and not isinstance(code, int):
+        click.echo(code, err=True)
+        code = 1
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)  # a thread still working: let the interpreter wait for it
+    atexit._run_exitfuncs()  # noqa: SLF001 - what the interpreter would run first; no public spelling
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that left (`| head`): the command's status stands
+            pass
+    os._exit(code or 0)
 
 
 def _progress(quiet: bool) -> bool:

@@ -9,6 +9,13 @@ the CLI exits 128 + the signal's number (143 for SIGTERM, 129 for SIGHUP, 130 fo
 A signal its parent process ignores (``nohup``, a background job's SIGINT) stays ignored.
 Only the first signal raises; clean-up is not interrupted by a second one.
 
+The ``modelgrow`` process itself (``for_process()``) keeps the handler installed from
+start to exit, so that a signal outside a command is answered the same way: before the
+command starts it stops the process with 128 + its number and "nothing was written"
+(never click's "Aborted!" and exit 1), and once the command has finished, with all
+its outputs in place, a late signal is ignored: the process is already on its way out
+and its exit status tells the truth about a completed command.
+
 The registry says what a command has published, so that the message after a signal is
 true: an engine wraps each commit in ``committing(path)``, which holds a signal back
 while the rename runs and records ``path`` once it is in place; ``expect(path)``
@@ -28,7 +35,7 @@ SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGHU
 
 
 class Terminated(BaseException):
-    """SIGTERM or SIGHUP arrived: unwind like KeyboardInterrupt, then exit 128 + signum."""
+    """SIGTERM or SIGHUP (or SIGINT before a command) arrived: unwind, then exit 128 + signum."""
 
     def __init__(self, signum: int):
         self.signum = int(signum)
@@ -55,6 +62,8 @@ class _Run:
         self.defer = 0  # depth of committing() blocks: a signal waits for their end
         self.pending: int | None = None
         self.raised = False  # only the first signal raises; clean-up runs undisturbed
+        self.running = False  # inside handled(): unwind the command
+        self.done = False  # handled() has ended: a late signal changes nothing
 
 
 _run = _Run()
@@ -109,7 +118,8 @@ def committing(path: str | Path) -> Iterator[None]:
 
 def message(exc: BaseException) -> str:
     """The one line the CLI prints after a signal, true about what was written."""
-    what = "interrupted" if not isinstance(exc, Terminated) else f"terminated by {SIGNAL_NAMES.get(exc.signum, exc.signum)}"
+    signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+    what = "interrupted" if signum == signal.SIGINT else f"terminated by {SIGNAL_NAMES.get(signum, signum)}"
     done = list(_run.committed)
     if not done:
         return f"{what}: nothing was written"
@@ -128,8 +138,11 @@ def _raise(signum: int) -> None:
 
 def _handler(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
     run = _run
-    if run.raised:
-        return  # a second signal while cleaning up: let the clean-up finish
+    if run.raised or run.done:
+        return  # a second signal while cleaning up, or the command has finished
+    if not run.running:  # before a command (for_process): click would print "Aborted!", exit 1
+        run.raised = True
+        raise Terminated(signum)
     run.raised = True
     if run.defer:
         run.pending = signum
@@ -146,20 +159,34 @@ def handled(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP, signal.SI
     this does nothing.
     """
     reset()
+    run = _run
+    run.running = True
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {}
-    for signum in signums:
-        current = signal.getsignal(signum)
-        ours = current is signal.SIG_DFL or (signum == signal.SIGINT and current is signal.default_int_handler)
-        if ours:
-            previous[signum] = signal.signal(signum, _handler)
+    previous = _install(signums)
     try:
         yield
     finally:
+        run.running, run.done = False, True
         for signum, old in previous.items():
             signal.signal(signum, old)
 
 
-__all__ = ["Terminated", "committed", "committing", "exit_code", "expect", "handled", "message", "reset", "written"]
+def for_process(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)) -> None:
+    """Install the handler for the rest of this process (the ``modelgrow`` command itself)."""
+    reset()
+    _install(signums)
+
+
+def _install(signums: tuple[int, ...]) -> dict:
+    """Put the handler on each signal still at its default; return what it replaced."""
+    previous = {}
+    for signum in signums:
+        current = signal.getsignal(signum)
+        if current is signal.SIG_DFL or (signum == signal.SIGINT and current is signal.default_int_handler):
+            previous[signum] = signal.signal(signum, _handler)
+    return previous
+
+
+__all__ = ["Terminated", "committed", "committing", "exit_code", "expect", "for_process", "handled", "message", "reset", "written"]

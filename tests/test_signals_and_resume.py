@@ -229,7 +229,7 @@ def test_sigint_after_the_commit_says_what_was_written(work, tmp_path):
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
         pytest.skip("the run finished before the signal arrived")  # a very fast machine
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err
     assert one_line(err) == f"interrupted after writing {out}; {report} was not written", err
     assert (out / "model.safetensors").is_file() and not report.exists() and leftovers(tmp_path) == []
 
@@ -255,6 +255,32 @@ def test_signals_wait_for_a_commit_and_handlers_are_put_back():
             assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, old)
+
+
+def test_the_process_answers_signals_before_and_after_its_command():
+    """Before the command: 128 + n and "nothing was written" (not click's "Aborted!", exit 1).
+    After it has finished, all written: ignored, the exit status stays the command's own."""
+    script = """if True:
+        import os, signal, sys, time
+        from modelgrow import signals
+        signals.for_process()
+        if sys.argv[1] == "after":
+            with signals.handled():
+                signals.expect("out")
+                with signals.committing("out"):
+                    pass
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+        except signals.Terminated as exc:
+            print(exc.signum, signals.exit_code(exc), signals.message(exc))
+            sys.exit(signals.exit_code(exc))
+        print("finished")
+    """
+    before = subprocess.run([sys.executable, "-c", script, "before"], capture_output=True, text=True, env=ENV)
+    assert before.returncode == 130 and before.stdout.strip() == "2 130 interrupted: nothing was written", before
+    after = subprocess.run([sys.executable, "-c", script, "after"], capture_output=True, text=True, env=ENV)
+    assert after.returncode == 0 and after.stdout.strip() == "finished", after
 
 
 # -- export's two files --------------------------------------------------------------------------
