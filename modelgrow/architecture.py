@@ -75,6 +75,10 @@ class Architecture:
             return f"'architectures' must be a list of class names, got {names!r}"
         return None
 
+    def derived_config_value(self, config: dict, key: str):
+        """The value the runtime derives for a config key the file leaves out, or None."""
+        return None
+
     def task(self, config: dict) -> str | None:
         """causal_lm, masked_lm, image_classification, encoder, ... (the layout's class)."""
         return self.class_info(config).get("task")

@@ -8,6 +8,7 @@ operators read only roles, never architecture names. The format is specified by
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -28,6 +29,19 @@ GROWABLE_ROLES = ("residual", "attn", "kv", "ffn")
 
 # What a model is fed: token ids (text) or pixel_values (vision). See "inputs" in the schema.
 INPUT_KINDS = ("tokens", "image")
+
+# Norm gains and biases by where the norm sits (schemas/LAYOUT.md, "kind"): on the
+# residual stream's readers (norm_*), on a sublayer's output before the residual add
+# (output_norm_*), or inside a sublayer over query/key heads (inner_norm_weight).
+RESIDUAL_NORM_KINDS = ("norm_weight", "norm_bias", "output_norm_weight", "output_norm_bias")
+NORM_KINDS = RESIDUAL_NORM_KINDS + ("inner_norm_weight",)
+
+
+def split_role(role: str) -> tuple[str, int]:
+    """"attn*3" -> ("attn", 3): heads whose units come as 3 blocks of head_dim each
+    (GPT-NeoX's query_key_value stores q, k, v per head); a plain role has multiplicity 1."""
+    base, _, times = role.partition("*")
+    return base, int(times) if times else 1
 
 
 _MISSING = object()
@@ -84,16 +98,26 @@ class TensorSpec:
     kind: str
     optional: bool
     section: str
+    normalises: tuple[str, ...] = ()  # output/inner norms: the tensors that make what they normalise
+    behind_norm: bool = False  # an output norm normalises what this tensor writes
+    runtime_scale: float | None = None  # the model multiplies this tensor's output by residual**power
 
     @property
     def per_layer(self) -> bool:
         return self.section == "layer"
 
     @property
+    def is_norm(self) -> bool:
+        return self.kind in NORM_KINDS
+
+    @property
     def writes_residual(self) -> bool:
-        """True for parameters that add into the residual stream (output projections,
-        embeddings, their biases): the tensors an identity block must zero."""
-        return self.kind == "param" and any(
+        """True for the last tensors before the residual add (output projections,
+        embeddings, their biases; an output norm instead of what it normalises): the
+        tensors an identity block must zero."""
+        if self.kind in ("output_norm_weight", "output_norm_bias"):
+            return True
+        return self.kind == "param" and not self.behind_norm and any(
             axis == ("residual",) for i, axis in enumerate(self.axes) if i != self.in_axis
         )
 
@@ -115,7 +139,8 @@ class Dims:
     positions: int | None = None
 
     def role_size(self, role: str) -> int | None:
-        return {
+        role, times = split_role(role)
+        size = {
             "residual": self.residual,
             "attn": self.heads * self.head_dim,
             "kv": self.kv_heads * self.head_dim,
@@ -125,6 +150,7 @@ class Dims:
             # Per-head tensors (Qwen3's q_norm/k_norm): sized by head_dim, which growth keeps.
             "head_dim": self.head_dim,
         }.get(role)
+        return None if size is None else size * times
 
     def axis_sizes(self, spec: TensorSpec) -> tuple[int | None, ...]:
         """The size of each of ``spec``'s storage axes under these dims: the sum of its
@@ -165,6 +191,7 @@ class Layout:
     config_also: dict[str, tuple[str, ...]] = field(default_factory=dict)  # role -> keys that copy its size
     config_per_layer: tuple[str, ...] = ()  # config lists with one entry per layer
     layer_index_keys: tuple[str, ...] = ()  # config flags that make a block depend on its index
+    gain_offset: float = 0.0  # norms multiply by (gain_offset + stored gain): Gemma's (1 + w)
 
     # -- loading -----------------------------------------------------------------
 
@@ -194,8 +221,12 @@ class Layout:
                         kind=entry.get("kind", "param"),
                         optional=entry.get("optional", False),
                         section=section,
+                        normalises=tuple(entry.get("normalises", ())),
+                        runtime_scale=(entry.get("runtime_scale") or {}).get("power"),
                     )
                 )
+        behind = {n for t in tensors if t.kind.startswith("output_norm") for n in t.normalises}
+        tensors = [dataclasses.replace(t, behind_norm=t.name in behind) for t in tensors]
         layout = cls(
             name=data["name"],
             description=data.get("description", ""),
@@ -219,6 +250,7 @@ class Layout:
             config_also={role: tuple(keys) for role, keys in data.get("config_also", {}).items()},
             config_per_layer=tuple(data.get("config_per_layer", [])),
             layer_index_keys=tuple(data.get("layer_index_keys", [])),
+            gain_offset=float(data["norm"].get("gain_offset", 0.0)),
         )
         layout._check_consistency()
         return layout
@@ -234,8 +266,19 @@ class Layout:
                 self._fail(where, f"'in' is {t.in_axis} but the tensor has {len(t.axes)} axes")
             if (LAYER in t.name) != t.per_layer:
                 self._fail(where, "exactly the 'layer' tensors must contain ${layer} in their name")
-            if t.kind != "param" and t.axes != (("residual",),):
+            if t.kind in RESIDUAL_NORM_KINDS and t.axes != (("residual",),):
                 self._fail(where, f"a {t.kind} tensor must have axes [\"residual\"]")
+            if t.kind == "inner_norm_weight" and t.axes not in ((("head_dim",),), (("attn",),), (("kv",),)):
+                self._fail(where, "an inner_norm_weight tensor must have axes [\"head_dim\"], [\"attn\"] or [\"kv\"]")
+            if t.normalises and not t.kind.startswith(("output_norm", "inner_norm")):
+                self._fail(where, "only output and inner norms list the tensors they normalise")
+            for n in t.normalises:
+                if n not in names:
+                    self._fail(f"{where}.normalises", f"'{n}' is not a tensor of this layout")
+            if any(split_role(r)[1] > 1 and split_role(r)[0] not in ("attn", "kv") for a in t.axes for r in a):
+                self._fail(where, "only attn and kv heads take a multiplicity (\"attn*3\": q, k, v per head)")
+            if t.runtime_scale is not None and "residual" not in (r for a in t.axes for r in a):
+                self._fail(where, "runtime_scale needs a residual axis: the multiplier follows the width")
         if self.tie:
             for key in ("head", "embedding"):
                 if self.tie[key] not in names:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .layout import Dims
+from .layout import Dims, split_role
 
 
 @dataclass(frozen=True)
@@ -88,16 +88,28 @@ class RoleMaps:
             "kv": heads(old.kv_heads, new.kv_heads, old.head_dim),
             "ffn": circular(old.ffn, new.ffn),
         }
+        self._heads = {"attn": (old.heads, new.heads), "kv": (old.kv_heads, new.kv_heads)}
+        self._head_dim = old.head_dim
+
+    def role(self, role: str) -> AxisMap | None:
+        """The map of one role; "attn*3" (heads of 3 x head_dim units) is made on first use."""
+        if role not in self.maps:
+            base, times = split_role(role)
+            if times == 1 or base not in self._heads:
+                return None
+            self.maps[role] = heads(*self._heads[base], times * self._head_dim)
+        return self.maps[role]
 
     def for_axis(self, roles: tuple[str, ...], size: int) -> AxisMap | None:
         """The map of one storage axis, or None when growth leaves the axis alone."""
-        if all(r not in self.maps for r in roles):
+        found = [self.role(r) for r in roles]
+        if all(m is None for m in found):
             return None
         parts = []
-        for r in roles:
-            if r not in self.maps:
+        for r, m in zip(roles, found):
+            if m is None:
                 raise ValueError(f"fused axis mixes growable and fixed roles: {roles}")
-            parts.append(self.maps[r])
+            parts.append(m)
         m = parts[0] if len(parts) == 1 else AxisMap.concat(parts)
         if m.old_size != size:
             raise ValueError(f"axis of size {size} does not match roles {'|'.join(roles)} ({m.old_size})")

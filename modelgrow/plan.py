@@ -105,6 +105,12 @@ class Plan:
         """s = k*D1/D2: the variance shrink that padding units cause (1 when r = 0)."""
         return self.width_multiple * self.old.residual / self.new.residual
 
+    @property
+    def eps_scale(self) -> float:
+        """The factor the config's norm eps takes: s when a pre-norm model's width is padded."""
+        layout = self.source.layout
+        return self.norm_scale if self.residual_pad and layout.norm_placement == "pre" and layout.eps_key else 1.0
+
     def source_params(self) -> int:
         return self.source.param_count()
 
@@ -214,6 +220,8 @@ def make_plan(source: SourceModel, spec: GrowthSpec) -> Plan:
             promise.width = False
             promise.notes.append("non-integer width of a post-LN model: LayerNorm statistics change, not exact")
 
+    _norm_promises(layout, old, new, promise)
+
     depth_map = _depth_map(old.layers, layers, spec.depth_mode)
     if layers > old.layers:
         if spec.depth_mode != "identity":
@@ -235,6 +243,30 @@ def make_plan(source: SourceModel, spec: GrowthSpec) -> Plan:
         raise UsageError(f"the grown model's config is invalid: {problem}", hint="change --heads/--kv-heads/--width")
     plan.targets = _targets(plan)
     return plan
+
+
+def _norm_promises(layout, old: Dims, new: Dims, promise: Promise) -> None:
+    """What output and inner norms (schemas/LAYOUT.md, "kind") allow."""
+    kinds = {t.kind for t in layout.tensors}
+    padded = new.residual % old.residual != 0
+    if padded and layout.norm_type == "layernorm" and kinds & {"output_norm_weight", "output_norm_bias"}:
+        promise.width = False
+        promise.notes.append("non-integer width: the zero padding of a sublayer's output moves its LayerNorm's mean, not exact")
+    for t in layout.tensors:
+        if t.kind != "inner_norm_weight":
+            continue
+        role = t.axes[0][0]
+        pairs = {"attn": (old.heads, new.heads), "kv": (old.kv_heads, new.kv_heads)}
+        if role in pairs and pairs[role][1] % pairs[role][0]:
+            promise.heads = False
+            promise.notes.append(f"{t.name.split('.')[-2]} normalises all heads together: {pairs[role][0]} -> "
+                                 f"{pairs[role][1]} heads is not a whole multiple, its statistics change: not exact")
+        elif padded and layout.eps_key and not t.normalises:
+            promise.width = False
+            promise.notes.append(f"{t.name.split('.')[-2]} shares the padded residual's eps but its layout names no "
+                                 "inputs to rescale: not exact")
+    if padded and layout.eps_key and any(t.kind == "inner_norm_weight" and t.normalises for t in layout.tensors):
+        promise.notes.append("q/k norms share the residual eps: their inputs take sqrt(s), so they see the eps they had")
 
 
 def _depth_map(old: int, new: int, mode: str) -> list[tuple[int, bool]]:
@@ -271,6 +303,8 @@ def _target_config(plan: Plan) -> dict:
         # One entry per layer (Qwen2's layer_types): each target layer takes its source
         # layer's entry, so an inserted copy behaves like the block it copies.
         values = config_get(cfg, key)
+        if values is None:  # derived by the runtime (Gemma 3's sliding-window pattern): write it out
+            values = plan.source.arch.derived_config_value(plan.source.config, key)
         if values is None:
             continue
         if not isinstance(values, list) or len(values) != plan.old.layers:
@@ -279,13 +313,13 @@ def _target_config(plan: Plan) -> dict:
                 hint="fix the source config.json",
             )
         config_set(cfg, key, [values[s] for s, _ in plan.depth_map])
-    if plan.residual_pad and layout.norm_placement == "pre" and layout.eps_key:
+    if plan.eps_scale != 1.0:
         eps = config_get(cfg, layout.eps_key)
         if eps is None:
             eps = layout.eps_default  # the runtime's default when the config leaves it out
         if eps is None:
             raise UsageError(f"non-integer width needs the norm epsilon, but config has no {layout.eps_key!r}")
-        config_set(cfg, layout.eps_key, eps * plan.norm_scale)
+        config_set(cfg, layout.eps_key, eps * plan.eps_scale)
     return cfg
 
 

@@ -71,6 +71,16 @@ class HFArchitecture(Architecture):
             return f"transformers refuses the config: {exc}"
         return None
 
+    def derived_config_value(self, config: dict, key: str):
+        # transformers fills some keys in from others (Gemma 3's layer_types from its
+        # sliding-window pattern); depth growth must write them out, or they would be
+        # derived again for the new depth.
+        try:
+            value = getattr(self.hf_config(config), key, None)
+        except Exception:  # noqa: BLE001 - config_problem reports a config transformers refuses
+            return None
+        return list(value) if isinstance(value, (list, tuple)) else value
+
     def build_module(self, config: dict) -> torch.nn.Module:
         import transformers
 

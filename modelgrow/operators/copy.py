@@ -13,13 +13,13 @@ adds noise everywhere.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
 from ..hookspecs import hookimpl
 from ..maps import AxisMap
 from ..plan import Promise, TargetTensor  # noqa: F401 (Promise in signatures)
+from .adjust import adjustment
 from .base import NoiseOptions, Operator, copy_maps
 
 
@@ -42,9 +42,10 @@ class CopyOperator(Operator):
 
     def tensor(self, target: TargetTensor) -> torch.Tensor:
         spec = target.spec
+        adjust = adjustment(self.plan, spec, self.head_norms)
         if target.inserted and self.plan.spec.depth_mode == "identity" and spec.writes_residual:
             # An identity block: it reads the residual but adds nothing to it (yet).
-            return torch.zeros(target.shape)
+            return adjust.to_stored(torch.zeros(target.shape))
         w = self.source.get(spec, target.source_layer).to(torch.float32)
         gen = self.generator(target)
         grown = False
@@ -56,27 +57,24 @@ class CopyOperator(Operator):
             if axis == spec.in_axis:
                 w = self._split(w, axis, m, gen)
             else:
-                w = self._copy(w, axis, m, spec.kind)
-        if spec.kind == "norm_weight" and self.plan.residual_pad:
-            w = w * math.sqrt(self.plan.norm_scale)
-        if spec.name in self.head_norms:
-            # Tied head: the embedding is copied (not split), so its logits come out
-            # k times too large; the norm right before the head takes the 1/k.
-            w = w / self.plan.width_multiple
+                w = self._copy(w, axis, m, spec, adjust)
+        if adjust.scale != 1.0:  # gains scale as gains (offset added first), never as stored differences
+            w = adjust.to_stored(adjust.to_effective(w) * adjust.scale)
         if grown and self.noise > 0 and self.noise_mode == "plain" and spec.kind == "param":
             w = w + self.noise * w.std() * torch.randn(w.shape, generator=gen)
         assert tuple(w.shape) == target.shape, (target.name, w.shape, target.shape)
         return w
 
-    def _copy(self, w: torch.Tensor, axis: int, m: AxisMap, kind: str) -> torch.Tensor:
+    def _copy(self, w: torch.Tensor, axis: int, m: AxisMap, spec, adjust) -> torch.Tensor:
         out = w.index_select(axis, m.index.clamp(min=0))
         if m.pad.any():
-            fill = {"norm_weight": "one", "norm_bias": "zero"}.get(kind, self.maps.pad_value)
             moved = out.movedim(axis, 0)
-            if fill == "mean":  # the padding unit carries the mean of the stream
+            if spec.is_norm:  # a padding unit's gain is 1 and its bias 0 (stored: minus the offset)
+                moved[m.pad] = adjust.to_stored(torch.tensor(adjust.pad_fill)).item()
+            elif self.maps.pad_value == "mean":  # the padding unit carries the mean of the stream
                 moved[m.pad] = w.movedim(axis, 0).mean(dim=0)
             else:
-                moved[m.pad] = 1.0 if fill == "one" else 0.0
+                moved[m.pad] = 0.0
             out = moved.movedim(0, axis)
         return out
 

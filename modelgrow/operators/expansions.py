@@ -20,6 +20,7 @@ import torch
 
 from ..maps import AxisMap, RoleMaps
 from ..plan import Plan, TargetTensor
+from .adjust import adjustment
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,9 @@ class Step:
 class Recipe:
     depth: str | None  # key of the depth coefficients (per-layer tensors)
     steps: tuple[Step, ...]  # applied in this order
-    pad_fill: float | None  # norm gains/biases: the constant of padding units
+    pad_fill: float | None  # norm gains/biases: the (effective) constant of padding units
     scale: float
+    offset: float = 0.0  # gains stored as value - offset (Gemma's 1 + w): grown as values
 
 
 def copy_matrix(m: AxisMap, side: str, pad_value: str, pad_rows: torch.Tensor | None = None,
@@ -113,7 +115,7 @@ def build_recipe(plan: Plan, target: TargetTensor, maps: RoleMaps, head_norms: s
         segments = []
         for role in roles:
             old_size, new_size = plan.old.role_size(role), plan.new.role_size(role)
-            m = maps.maps.get(role)
+            m = maps.role(role)
             if m is None or m.is_identity:
                 size = target.source_shape[axis] if old_size is None else old_size
                 segments.append(Segment(size, size, None))
@@ -122,15 +124,9 @@ def build_recipe(plan: Plan, target: TargetTensor, maps: RoleMaps, head_norms: s
                 segments.append(Segment(old_size, new_size, key, group))
         if any(s.key for s in segments):
             steps.append(Step(axis, tuple(segments)))
-    pad_fill = None
-    if spec.kind in ("norm_weight", "norm_bias") and maps.maps["residual"].pad.any():
-        pad_fill = 1.0 if spec.kind == "norm_weight" else 0.0
-    scale = 1.0
-    if spec.kind == "norm_weight" and plan.residual_pad:
-        scale *= math.sqrt(plan.norm_scale)
-    if spec.name in head_norms:
-        scale /= plan.width_multiple
-    return Recipe(depth, tuple(steps), pad_fill, scale)
+    adjust = adjustment(plan, spec, head_norms)
+    pad_fill = adjust.pad_fill if spec.is_norm and maps.maps["residual"].pad.any() and "residual" in spec.axes[0] else None
+    return Recipe(depth, tuple(steps), pad_fill, adjust.scale, adjust.offset)
 
 
 def expand_axis(w: torch.Tensor, step: Step, tensor: Callable[[str], torch.Tensor]) -> torch.Tensor:
@@ -155,6 +151,8 @@ def apply_recipe(w: torch.Tensor, recipe: Recipe, tensor: Callable[[str], torch.
                  residual: AxisMap) -> torch.Tensor:
     """The grown tensor from the source one ``w`` (per-layer: stacked [layers, ...]);
     ``tensor(key)``: a depth vector or expansion matrix; ``residual``: the residual map."""
+    if recipe.offset:
+        w = w + recipe.offset  # mix and scale gains, not their stored differences
     if recipe.depth is not None:
         w = torch.tensordot(tensor(recipe.depth), w, dims=1)  # mix the source layers
     for step in recipe.steps:
@@ -163,4 +161,6 @@ def apply_recipe(w: torch.Tensor, recipe: Recipe, tensor: Callable[[str], torch.
         w = torch.where(residual.pad.to(w.device), torch.full_like(w, recipe.pad_fill), w)
     if recipe.scale != 1.0:
         w = w * recipe.scale
+    if recipe.offset:
+        w = w - recipe.offset
     return w

@@ -48,6 +48,7 @@ import math
 import torch
 
 from ..hookspecs import hookimpl
+from ..layout import split_role
 from ..maps import AxisMap, circular
 from ..plan import TargetTensor
 from .expansions import Recipe, Step, apply_recipe, build_recipe, copy_matrix, perturb_expansion
@@ -83,9 +84,10 @@ class LiGOOperator(LearnedOperator):
         # The residual stream is one space for the whole model; head and FFN spaces are
         # private to each layer.
         key = f"width.{side}.{role}" + (f".{layer}" if layer is not None and role != "residual" else "")
-        group = self.plan.old.head_dim if role in HEAD_ROLES else 1
+        base, times = split_role(role)
+        group = self.plan.old.head_dim * times if base in HEAD_ROLES else 1
         if key not in self.params:
-            m = self.maps.maps[role]
+            m = self.maps.role(role)
             if group > 1:
                 m = _head_level(m, group)
             self.params[key] = copy_matrix(m, side, self.maps.pad_value)

@@ -30,6 +30,7 @@ from ..hookspecs import hookimpl
 from ..layout import GROWABLE_ROLES, TensorSpec
 from ..plan import TargetTensor
 from .base import NoiseOptions
+from .adjust import adjustment
 from .expansions import apply_recipe, build_recipe, copy_matrix, perturb_expansion
 from .learned import LearnedOperator, operator_seed
 from .ring_init import add_ring_noise, copy_cores, plan_channels
@@ -153,7 +154,7 @@ class MangoOperator(LearnedOperator):
                 return f"residual.{side}", 1
             key = f"fixed.{side}.{role}"  # other growable roles outside the ring: the copy map, fixed
             if key not in self.buffers:
-                self.buffers[key] = copy_matrix(self.maps.maps[role], side, self.maps.pad_value)
+                self.buffers[key] = copy_matrix(self.maps.role(role), side, self.maps.pad_value)
             return key, 1
 
         self.recipes = {t.name: build_recipe(plan, t, self.maps, self.head_norms, self.params, expansion)
@@ -231,7 +232,7 @@ class MangoOperator(LearnedOperator):
             matrix = self.matrix_of[spec.name]
             parts = [read_bias(m2l, b, self.units, self.buffers[f"readback.O.{b.out.role}"])
                      for b in self.blocks if b.spec is matrix and b.first_in]
-            return torch.cat(parts) if len(parts) > 1 else parts[0]
+            return self._adjusted(spec, torch.cat(parts) if len(parts) > 1 else parts[0])
         rows = []
         blocks = [b for b in self.blocks if b.spec is spec]
         for first in (b for b in blocks if b.out.start_old == 0):
@@ -239,7 +240,11 @@ class MangoOperator(LearnedOperator):
                               self.buffers[f"readback.O.{b.out.role}"]) for b in blocks if b.inp == first.inp]
             rows.append(torch.cat(row, dim=1) if len(row) > 1 else row[0])
         w = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]  # [in, out]
-        return w.movedim(0, spec.in_axis)
+        return self._adjusted(spec, w.movedim(0, spec.in_axis))
+
+    def _adjusted(self, spec: TensorSpec, w: torch.Tensor) -> torch.Tensor:
+        scale = adjustment(self.plan, spec, self.head_norms).scale  # q/k norm inputs at padded widths
+        return w * scale if scale != 1.0 else w
 
     def _outside_tensor(self, target: TargetTensor) -> torch.Tensor:
         w = self._source_tensors()[target.spec.name]
