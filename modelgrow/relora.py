@@ -6,6 +6,11 @@ axis), never from module-name guesses. Known defects of the reference code are a
 A is Kaiming-initialised and B zero (the reference zeroes both, so its first cycle
 learns nothing); Adam moments are pruned with one joint mask for both moments (two
 independent masks can leave a large m over a zeroed v, i.e. a huge first step).
+
+Full-rank warm start (the paper's recipe; the reference code needs two runs for it):
+the adapters are in place from the start but idle -- branch skipped, A and B frozen, the
+adapted matrices trainable -- so the first steps are plain full-rank training; at the
+switch the matrices freeze (their Adam moments are dropped) and the adapters take over.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import re
 import torch
 from torch import nn
 
+from .errors import UsageError
 from .layout import LAYER, Layout
 
 
@@ -33,9 +39,12 @@ class LoRAAdapter(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(n_out, rank, dtype=torch.float32, device=w.device))
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout)
+        self.active = True  # False: idle during a full-rank warm start (base(x) alone)
         base.weight.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return self.base(x)
         lora = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T
         return self.base(x) + (self.scale * lora).to(x.dtype)
 
@@ -57,6 +66,36 @@ class LoRAAdapter(nn.Module):
         a = torch.rand(self.lora_A.shape, generator=generator) * 2 * bound - bound
         self.lora_A.copy_(a.to(self.lora_A.device))
         self.lora_B.zero_()
+
+
+def set_full_rank(adapters: list[LoRAAdapter], full_rank: bool) -> None:
+    """Full-rank warm start on or off: the adapted matrices train themselves (adapters idle,
+    A and B frozen), or the ReLoRA arrangement (matrices frozen, adapters training)."""
+    for a in adapters:
+        a.active = not full_rank
+        a.base.weight.requires_grad_(full_rank)
+        a.lora_A.requires_grad_(not full_rank)
+        a.lora_B.requires_grad_(not full_rank)
+
+
+def switch_to_adapters(adapters: list[LoRAAdapter], optimizer: torch.optim.Optimizer) -> None:
+    """End of the full-rank warm start: freeze the matrices, drop their Adam moments, and let
+    the adapters (B still zero: the function is unchanged) train from here."""
+    set_full_rank(adapters, False)
+    for a in adapters:
+        optimizer.state.pop(a.base.weight, None)
+
+
+def check_rank(source, rank: int) -> None:
+    """Adapters must be low-rank: r below both sides of every adapted matrix (before any step)."""
+    if not adapter_targets(source.layout):
+        raise UsageError(f"--relora: the {source.layout.name} layout names no per-layer matrices to adapt")
+    sides = [min(source.checkpoint.info(b.name).shape) for b in source.bound()
+             if b.spec.per_layer and b.spec.kind == "param" and b.spec.in_axis is not None and len(b.spec.axes) == 2]
+    if sides and rank >= min(sides):
+        raise UsageError(f"--rank {rank} is not below the smallest adapted matrix side ({min(sides)}): the adapters "
+                         "would hold at least as many parameters as the matrices",
+                         hint=f"use --rank < {min(sides)}, or train full-rank without --relora")
 
 
 def adapter_targets(layout: Layout) -> list[tuple[re.Pattern, int]]:
@@ -143,3 +182,17 @@ def restart(adapters: list[LoRAAdapter], optimizer: torch.optim.Optimizer, gener
     for a in adapters:
         digest.update(a.lora_A.detach().cpu().numpy().tobytes())
     return digest.digest()
+
+
+def relora_report(o, adapters: list[LoRAAdapter], restarts: list[dict]) -> dict:
+    """The report's ``relora`` section for TrainOptions ``o``."""
+    return {
+        "rank": o.rank, "alpha": o.alpha, "scale": o.alpha / o.rank, "adapter_dropout": o.adapter_dropout,
+        "every": o.relora_every, "restart_warmup": o.restart_warmup, "optimizer_prune": o.optimizer_prune,
+        "full_rank_steps": o.full_rank_steps,
+        "adapters": len(adapters), "adapter_params": sum(a.lora_A.numel() + a.lora_B.numel() for a in adapters),
+        "merge_timing": "after the step taken at LR 0 (0-based steps full_rank_steps + k*every, k >= 1, none "
+                        "leaving fewer than every // 2 steps): merge in fp32, redraw A from (seed, k), zero B, prune "
+                        "the adapters' Adam moments",
+        "restarts": restarts,
+    }

@@ -9,6 +9,8 @@ import torch
 from pydantic import model_validator
 
 from . import seeding
+from .checkpoint.dtypes import DtypeName
+from .checkpoint.sizes import ShardSize
 from .engine.loop import LoopOptions
 from .engine.schedule import Schedule
 from .errors import UsageError
@@ -34,29 +36,82 @@ class TrainOptions(LoopOptions):
                                                "--val-fraction of --data].")
     val_fraction: float = option(0.05, "Tail of the token stream held out for validation.", ge=0, lt=1)
     steps: int = option(1000, "Optimiser steps.", ge=1, strict=True)
-    warmup: int | None = option(None, "Warmup steps [default: 10% of --steps, at most --relora-every].", ge=0, strict=True)
-    eval_every: int | None = option(None, "Validation every N steps, 0 for only before and after [default: steps/10].",
-                                    ge=0, strict=True)
+    warmup: int | None = option(None, "Warmup steps [default: --steps // 10; with --relora at most "
+                                      "--full-rank-steps if given, else --relora-every: it ends before the LR "
+                                      "first drops to 0].", ge=0, strict=True)
+    eval_every: int | None = option(None, "Validation every N steps, 0 for only before and after "
+                                          "[default: --steps // 10].", ge=0, strict=True)
+    train: str = option("all", "Which tensors train: all; new (what growth_map.json beside SOURCE marks as new: "
+                               "inserted blocks and repeated copies, as LLaMA Pro trains); or a glob of tensor names "
+                               "('model.layers.1?.*'). The rest keep their bytes.", min_length=1)
     relora: bool = option(False, "ReLoRA: train low-rank adapters on the layer matrices, merged every --relora-every steps.")
     rank: int = option(128, "ReLoRA adapter rank.", ge=1, strict=True)
     alpha: float = option(32.0, "ReLoRA scale numerator: scale = alpha / rank.", gt=0, allow_inf_nan=False)
     adapter_dropout: float = option(0.1, "Dropout on the adapter branch.", ge=0, lt=1)
-    relora_every: int = option(500, "Steps between merges; the LR drops to 0 there.", ge=1, strict=True)
-    restart_warmup: int = option(50, "Steps to re-warm the LR after a merge.", ge=0, strict=True)
+    relora_every: int = option(500, "Steps between merges; the LR drops to 0 there. A merge that would leave its fresh "
+                                    "adapters fewer than --relora-every // 2 steps before the end is skipped (the "
+                                    "last adapters train on to the end).", ge=1, strict=True)
+    restart_warmup: int | None = option(None, "Steps to re-warm the LR after a merge (and after the switch from "
+                                              "--full-rank-steps) [default: --relora-every // 10, at least 1, at most "
+                                              "50, always below --relora-every].", ge=0, strict=True)
+    full_rank_steps: int = option(0, "ReLoRA warm start: the first N steps train every parameter full-rank, then the "
+                                     "adapters take over (the LR drops to 0 there and re-warms as after a merge; merges "
+                                     "follow every --relora-every steps from N); 0: adapters from the first step.",
+                                  ge=0, strict=True)
     optimizer_prune: float = option(0.9, "Fraction of the adapters' Adam moments zeroed (smallest |m|) at a merge; "
-                                         ">= 1 resets them.", ge=0)
+                                         ">= 1 resets them. The default follows the reference code's README (0.9), not "
+                                         "the paper's 0.99, so that earlier runs stay reproducible.", ge=0)
     save_every: int | None = option(None, "Also write OUTPUT-checkpoints/step-N/ every N steps: a dense checkpoint "
                                           "plus the state --resume needs.", ge=1, strict=True)
     plot: Path | None = option(None, "Draw the train and validation loss curves to this PNG (needs matplotlib).")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainOptions:
-        if self.relora and self.restart_warmup >= self.relora_every:
+        """Refuse typed values that contradict each other, then fill in the derived defaults.
+
+        A derived value is written into the model but not marked as set (``model_fields_set``
+        stays what the caller gave), so it is derived afresh whenever the options it
+        depends on change, and reports record the value in effect.
+        """
+        typed = self.model_fields_set
+        if self.relora and self.train != "all":
+            raise UsageError(f"--train {self.train} with --relora is not supported yet",
+                             hint="train the chosen tensors full-rank, or everything with --relora")
+        if self.full_rank_steps and not self.relora:
+            raise UsageError(f"--full-rank-steps {self.full_rank_steps} needs --relora",
+                             hint="plain training is full-rank throughout; add --relora or leave it out")
+        if self.relora and self.full_rank_steps >= self.steps:
+            raise UsageError(f"--full-rank-steps must be below --steps ({self.steps}), got {self.full_rank_steps}")
+        if self.relora and "restart_warmup" in typed and self.restart_warmup >= self.relora_every:
             raise UsageError(f"--restart-warmup must be in [0, --relora-every), got {self.restart_warmup}")
-        if self.relora and self.warmup is not None and self.warmup > self.relora_every:
-            raise UsageError(f"--warmup {self.warmup} is longer than --relora-every {self.relora_every}",
-                             hint="the first warmup must end before the first restart")
+        first, by = self.first_drop
+        if "warmup" in typed and first is not None and self.warmup > first:
+            raise UsageError(f"--warmup {self.warmup} is longer than {by} {first}",
+                             hint="the first warmup must end before the learning rate first drops to 0")
+        for name, value in self.derived().items():
+            if name not in typed:
+                self.__dict__[name] = value
         return self
+
+    @property
+    def first_drop(self) -> tuple[int | None, str]:
+        """The first step ReLoRA takes at LR 0, and the flag that put it there (None: none)."""
+        if not self.relora:
+            return None, ""
+        if self.full_rank_steps:
+            return self.full_rank_steps, "--full-rank-steps"
+        return self.relora_every, "--relora-every"
+
+    def derived(self) -> dict[str, int]:
+        """The defaults that follow from other options, as their help says: warmup, eval_every,
+        restart_warmup (used where the caller gave none; never contradicting what was given)."""
+        first = self.first_drop[0]
+        warmup = self.steps // 10
+        return {
+            "warmup": warmup if first is None else min(warmup, first),
+            "eval_every": self.steps // 10,
+            "restart_warmup": min(50, max(1, self.relora_every // 10), self.relora_every - 1),
+        }
 
     def require_data(self) -> TrainOptions:
         """Checked once a resume has had its say: a resumed run may take --data from its step folder."""
@@ -85,22 +140,21 @@ class TrainOptions(LoopOptions):
 
     @property
     def warmup_steps(self) -> int:
-        default = self.steps // 10
-        if self.relora:
-            default = min(default, self.relora_every)
-        return default if self.warmup is None else min(self.warmup, self.steps)
+        return min(self.warmup, self.steps)
 
     @property
     def eval_interval(self) -> int:
-        return self.steps // 10 if self.eval_every is None else self.eval_every
+        return self.eval_every
 
     def schedule(self) -> Schedule:
-        cycle = self.relora_every if self.relora else None
-        return Schedule(self.steps, self.warmup_steps, self.min_lr_ratio, cycle, self.restart_warmup)
+        if not self.relora:
+            return Schedule(self.steps, self.warmup_steps, self.min_lr_ratio)
+        return Schedule(self.steps, self.warmup_steps, self.min_lr_ratio, self.relora_every, self.restart_warmup,
+                        self.full_rank_steps)
 
     def restart_after(self, step: int) -> bool:
-        """ReLoRA merges right after step k·relora_every (k >= 1): the one taken at LR 0."""
-        return self.relora and step > 0 and step % self.relora_every == 0
+        """ReLoRA merges right after the steps taken at LR 0 (Schedule.merges)."""
+        return self.relora and self.schedule().merges_after(step)
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> TrainOptions:
@@ -116,9 +170,12 @@ class TrainRun(Options):
                                        "its options apply unless given again, and must match where they shape "
                                        "the run.")
     config: Path | None = option(None, "config.json, when not beside SOURCE.")
-    max_shard_size: str | int = option("2GB", "Largest shard in bytes (KB/MB/GB, KiB/MiB/GiB).")
+    max_shard_size: ShardSize = option("2GB", "Largest shard in bytes (KB/MB/GB, KiB/MiB/GiB).")
     overwrite: bool = option(False, "Replace OUTPUT (and its step folders) if they exist.")
-    report: Path | None = option(None, "Write a JSON report of the run here.")
+    report: Path | None = option(None, "Write a JSON report of the run here; - (or /dev/stdout) prints it, like --json.")
+    dtype: DtypeName = option("source", "Store the trained weights as bf16, fp16 or fp32 (training keeps fp32 weights "
+                                        "either way); source: as SOURCE stores them.")
+    keep_card: bool = option(False, "Copy SOURCE's README.md (its model card) instead of writing a new card.")
 
 
 def restart_generator(seed: int, restart: int) -> torch.Generator:

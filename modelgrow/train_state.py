@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointWriter
+from .card import Recipe, source_label, train_card, write_card
+from .checkpoint import CheckpointWriter, dtypes
 from .checkpoint.atomic import fsync_path
 from .engine.state import STATE_DIR, STATE_FORMAT, STATE_JSON, STATE_TENSORS, is_step_folder, remove_step_folders
 from .errors import OutputError, UsageError
 from .relora import LoRAAdapter
-
-
+from .train_options import TrainOptions, TrainRun
 
 
 class WeightMap:
@@ -62,15 +62,15 @@ class WeightMap:
             if tuple(p.shape) != shape:
                 raise RuntimeError(f"tensor {name!r} is {list(shape)} in the checkpoint but {list(p.shape)} in the module")
 
-    def dense(self, adapters: list[LoRAAdapter]):
-        """(stored name, tensor in the stored dtype, on the CPU) for every input tensor."""
+    def dense(self, adapters: list[LoRAAdapter], cast: torch.dtype | None = None):
+        """(stored name, tensor in the stored dtype, or ``cast`` for floating ones, on the CPU) for every input tensor."""
         merged = {id(a.base.weight): a for a in adapters}
         ckpt = self.source.checkpoint
         for name in ckpt.names():
-            dtype = ckpt.info(name).dtype
+            dtype = dtypes.output_dtype(ckpt.info(name).dtype, cast)
             p = self.param_of.get(name)
             if p is None:
-                yield name, ckpt.get(name)  # ignored by the layout: carried through as stored
+                yield name, ckpt.get(name).to(dtype)  # ignored by the layout: carried through (cast)
                 continue
             with torch.no_grad():
                 value = p.detach()
@@ -81,12 +81,16 @@ class WeightMap:
                 yield name, value.to("cpu", dtype).contiguous()
 
 
-def write_dense(writer: CheckpointWriter, source, weights: WeightMap, adapters: list[LoRAAdapter]) -> None:
-    """Weights, config.json (byte for byte) and the tag-along files into ``writer``."""
-    for name, tensor in weights.dense(adapters):
+def write_dense(writer: CheckpointWriter, source, weights: WeightMap, adapters: list[LoRAAdapter],
+                dtype: str = "source") -> None:
+    """Weights (stored as ``dtype``, modelgrow.checkpoint.dtypes), config.json (byte for byte
+    unless the dtype changes) and the tag-along files into ``writer``."""
+    for name, tensor in weights.dense(adapters, dtypes.target_dtype(dtype)):
         writer.add(name, tensor)
     config = source.checkpoint.config_path
-    if config is not None and Path(config).is_file():
+    if dtypes.target_dtype(dtype) is not None:
+        writer.write_json("config.json", dtypes.config_with_dtype(source.config, dtype))
+    elif config is not None and Path(config).is_file():
         writer.copy_file(config, "config.json")
     else:
         writer.write_json("config.json", source.config)
@@ -94,11 +98,21 @@ def write_dense(writer: CheckpointWriter, source, weights: WeightMap, adapters: 
         writer.copy_file(f)
 
 
+def describe_output(writer: CheckpointWriter, report: dict, source, options: TrainOptions, *, digest: str, dtype: str,
+                    max_shard_size, keep_card: bool, hub: dict | None) -> None:
+    """The report's source digest, Hub id and dtype; the model card (README.md) into ``writer``."""
+    report["source"].update(sha256=digest, **({"hub": hub} if hub else {}))
+    report["dtype"] = dtypes.describe(dtype, {source.checkpoint.info(n).dtype for n in source.checkpoint.names()})
+    recipe = Recipe("train", source_label(hub)).add(options, skip=("save_every", "plot"))
+    recipe.add(TrainRun.parse(dtype=dtype, max_shard_size=max_shard_size))
+    report["card"] = write_card(writer, source.checkpoint, train_card(report, recipe, source.layout.name), keep_card)
+
+
 def save_step(dest: Path, source, weights: WeightMap, adapters: list[LoRAAdapter], tensors: dict[str, torch.Tensor],
-              state: dict, *, max_shard_bytes: int, metadata: dict[str, str]) -> None:
+              state: dict, *, max_shard_bytes: int, metadata: dict[str, str], dtype: str = "source") -> None:
     """Commit a step checkpoint atomically: the dense model, then training_state/."""
     with CheckpointWriter(dest, max_shard_bytes=max_shard_bytes, metadata=metadata, overwrite=True) as writer:
-        write_dense(writer, source, weights, adapters)
+        write_dense(writer, source, weights, adapters, dtype)
         staged = writer.finish()
         # Written into the staged folder before commit() moves it into place, so the step
         # folder appears with its state or not at all. A subfolder, not a second
@@ -123,7 +137,12 @@ def check_resume(resume_from: Path, state: dict, *, options, free: tuple[str, ..
     """
     where = resume_from / STATE_DIR / STATE_JSON
     mine, theirs = options.as_dict(), state.get("options", {})
-    differ = [k for k in mine if k not in free and mine[k] != theirs.get(k)]  # free: options that may change
+    # Step folders from older versions: a derived default recorded as null meant "derived"
+    # (it matches the value derived now), an option not recorded at all its default.
+    derived, fields = options.derived(), type(options).model_fields
+    old = {k: derived.get(k, fields[k].default) for k in mine if theirs.get(k) is None}
+    same = lambda k: mine[k] == theirs.get(k) or (k in old and old[k] == mine[k])  # noqa: E731
+    differ = [k for k in mine if k not in free and not same(k)]  # free: options that may change
     if differ:
         shown = ", ".join(f"{k}: {theirs.get(k)!r} there, {mine[k]!r} now" for k in differ[:4])
         raise UsageError(f"--resume {resume_from}: the run was started with other options ({shown})",

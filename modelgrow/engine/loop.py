@@ -147,9 +147,12 @@ class Loop:
         with autocast(self.device):
             loss = self.loss_sum(local) / batch["count"]
         loss.backward()
-        sync_grads(dist, self.tensors)
+        # Only what trains now: a frozen tensor (ReLoRA's idle adapters or frozen matrices)
+        # must not get a zero gradient, on which AdamW would still decay it.
+        live = [t for t in self.tensors if t.requires_grad]
+        sync_grads(dist, live)
         clip = o.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.tensors, clip) if clip > 0 else grad_norm(self.tensors)
+        norm = torch.nn.utils.clip_grad_norm_(live, clip) if clip > 0 else grad_norm(live)
         lr = o.lr * self.schedule(step)
         for group, scale in zip(self.optimizer.param_groups, self.scales):
             group["lr"] = lr * scale

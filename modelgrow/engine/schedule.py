@@ -9,21 +9,51 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Schedule:
-    """Multiplier of the peak learning rate at a 0-based step."""
+    """Multiplier of the peak learning rate at a 0-based step.
+
+    ReLoRA (``cycle`` set): the learning rate is 0 at the switch from full-rank training
+    to adapters (step ``start``, when ``start`` > 0) and at every merge, steps
+    ``start + k * cycle`` (k >= 1); it re-warms over ``restart_warmup`` steps after each.
+    A merge is skipped when its fresh adapters would get fewer than ``cycle // 2`` steps
+    before the end (the last adapters then train on to the end instead).
+    """
 
     steps: int
     warmup: int
     min_ratio: float = 0.1
-    cycle: int | None = None  # ReLoRA: the learning rate is 0 at every k * cycle (k >= 1)
+    cycle: int | None = None
     restart_warmup: int = 0
+    start: int = 0  # ReLoRA: full-rank steps before the adapters take over
+
+    @property
+    def merges(self) -> tuple[int, ...]:
+        """The steps after which the adapters are merged (each taken at learning rate 0)."""
+        if not self.cycle:
+            return ()
+        return tuple(range(self.start + self.cycle, self.steps - self.cycle // 2, self.cycle))
+
+    def merges_after(self, step: int) -> bool:
+        """Whether the adapters are merged right after ``step`` (``step in merges``, in O(1))."""
+        c, into = self.cycle, step - self.start
+        return bool(c) and into >= c and into % c == 0 and step < self.steps - c // 2
+
+    def last_drop(self, step: int) -> int | None:
+        """The latest step at or before ``step`` taken at learning rate 0 (switch or merge)."""
+        c = self.cycle
+        if not c or step < self.start:
+            return None
+        k = (min(step, self.steps - 1 - c // 2) - self.start) // c
+        if k >= 1:
+            return self.start + k * c
+        return self.start if self.start > 0 else None
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
             return (step + 1) / self.warmup
-        cycle = self.cycle
-        if cycle and step >= cycle and step % cycle < self.restart_warmup:
-            into = step % cycle
-            return into / self.restart_warmup * self.cosine(step - into + self.restart_warmup)
+        last = self.last_drop(step)
+        if last is not None and step - last < self.restart_warmup:
+            into = step - last
+            return into / self.restart_warmup * self.cosine(last + self.restart_warmup)
         return self.cosine(step)
 
     def cosine(self, step: int) -> float:
@@ -33,11 +63,13 @@ class Schedule:
     def describe(self) -> str:
         text = f"linear warmup, cosine to {self.min_ratio:g} x lr"
         if self.cycle:
-            text += f"; LR 0 at every {self.cycle}th step, then re-warm over {self.restart_warmup}"
+            where = (f"full-rank for {self.start} steps, then adapters: LR 0 at step {self.start} and every "
+                     f"{self.cycle} steps after it" if self.start else f"LR 0 at every {self.cycle}th step")
+            text += f"; {where} (no merge in the last {self.cycle // 2}), then re-warm over {self.restart_warmup}"
         return text
 
 
 def jagged_cosine(step: int, total: int, warmup: int, cycle: int | None, restart_warmup: int,
-                  min_ratio: float = 0.1) -> float:
-    """``Schedule(total, warmup, min_ratio, cycle, restart_warmup)(step)``, as a function."""
-    return Schedule(total, warmup, min_ratio, cycle, restart_warmup)(step)
+                  min_ratio: float = 0.1, start: int = 0) -> float:
+    """``Schedule(total, warmup, min_ratio, cycle, restart_warmup, start)(step)``, as a function."""
+    return Schedule(total, warmup, min_ratio, cycle, restart_warmup, start)(step)
