@@ -9,6 +9,7 @@ folder either: that folder is replaced as a whole. All of it is checked before a
 
 A file output that already exists is replaced only when modelgrow wrote it (a report
 is JSON with ``modelgrow_version``; a plot is a PNG whose text chunks name modelgrow).
+A report may instead name a stream (``-``, /dev/stdout, a FIFO): it is written into.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import OutputError
+from .checkpoint.streams import stream_kind
+from .errors import OutputError, UsageError
 
 PLOT_SOFTWARE = "modelgrow"  # the PNG "Software" text chunk plots are written with
 
@@ -51,8 +53,20 @@ def source_inputs(source, *, data=(), tokenizer=None, resume=None) -> dict[Path,
 def check_outputs(inputs: dict[Path, str], outputs: dict[str, Path | None], *, folders: set[str] = frozenset(),
                   replaced: dict[str, str] | None = None) -> None:
     """Apply the rule; ``folders`` names the outputs that are folders written as a whole,
-    ``replaced`` the file outputs that may replace an earlier one of that kind."""
-    given = {what: Path(p) for what, p in outputs.items() if p is not None}
+    ``replaced`` the file outputs that may replace an earlier one of that kind.
+
+    A report may also be a stream (``-``, /dev/stdout, a FIFO, a device: checkpoint/streams.py),
+    written into and never replaced: the rule does not apply to it. Any other output
+    that names a stream is refused."""
+    given = {}
+    for what, p in outputs.items():
+        if p is None:
+            continue
+        if stream_kind(p) is None:
+            given[what] = Path(p)
+        elif (replaced or {}).get(what) != "report":
+            raise UsageError(f"{what} {p} names a stream or device, not a file; only --report may be one "
+                             f"(- is standard output)")
     resolved = {what: p.resolve() for what, p in given.items()}
     relations = (("is", lambda out, inp: out == inp), ("holds", lambda out, inp: out in inp.parents),
                  ("lies inside", lambda out, inp: inp in out.parents and inp.is_dir()))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -87,7 +88,11 @@ def usage_error(model: type[Options], exc: ValidationError) -> UsageError:
     field = model.model_fields[name]
     where = model.flag(name) if flag_of(field).cli and name not in model.hidden else name
     where += "".join(f"[{part!r}]" for part in err["loc"][1:])
-    return UsageError(f"{where} must be {describe(field) if len(err['loc']) == 1 else 'valid'}, got {err.get('input')!r}")
+    if err["type"] == "value_error":  # a field's own check says what it accepts: ValueError("a size above 0 ...")
+        wanted = err["msg"].removeprefix("Value error, ")
+    else:
+        wanted = describe(field) if len(err["loc"]) == 1 else "valid"
+    return UsageError(f"{where} must be {wanted}, got {err.get('input')!r}")
 
 
 def describe(field) -> str:
@@ -175,15 +180,46 @@ def _help(field) -> str:
     return f"{text} [default: {default}]"
 
 
-def with_options(model: type[Options], *, exclude: tuple[str, ...] = ()):
-    """Decorator: add ``model``'s flags to a click command (after those declared above it)."""
+def with_options(model: type[Options] | Callable[[], type[Options]], *, exclude: tuple[str, ...] = ()):
+    """Decorator: add ``model``'s flags to a click command (after those declared above it).
+
+    ``model`` may be a function returning the group: it is then called only when the
+    command (class ``OptionsCommand``) first needs its flags, to run or to show its own
+    help, so that ``modelgrow --help`` does not import the engines (and torch) that
+    declare the groups.
+    """
 
     def apply(fn):
-        params = click_options(model, exclude=exclude)
+        params = [LazyOptions(model, exclude)] if not isinstance(model, type) else click_options(model, exclude=exclude)
         fn.__click_params__ = getattr(fn, "__click_params__", []) + params[::-1]
         return fn
 
     return apply
+
+
+@dataclass(frozen=True)
+class LazyOptions:
+    """Holds a group's place among a command's parameters until OptionsCommand makes its flags."""
+
+    load: Callable[[], type[Options]]
+    exclude: tuple[str, ...] = ()
+
+    def expand(self) -> list[click.Option]:
+        return click_options(self.load(), exclude=self.exclude)
+
+
+class OptionsCommand(click.Command):
+    """A click command whose option groups (``with_options(lambda: Group)``) load on first use."""
+
+    @property
+    def params(self) -> list[click.Parameter]:
+        if any(isinstance(p, LazyOptions) for p in self._params):
+            self._params = [q for p in self._params for q in (p.expand() if isinstance(p, LazyOptions) else [p])]
+        return self._params
+
+    @params.setter
+    def params(self, value: list) -> None:
+        self._params = list(value)
 
 
 def param_name(model: type[Options], name: str) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .report import write_report
+from .report import report_json, write_report
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Result(Mapping):
         return json.loads(self.to_json())
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.report, indent=indent, sort_keys=True, default=str)
+        return report_json(self.report, indent)
 
     def write(self, path: str | Path) -> None:
         """Write the report atomically (what ``--report FILE`` does)."""
@@ -55,7 +55,11 @@ class ConvertResult(Result):
 
     @property
     def exact(self) -> bool:
-        """The growth is promised function-preserving (and was checked when ``verified``)."""
+        """The growth is promised function-preserving (and was checked when ``verified``).
+
+        A ``dtype`` cast that rounds (report ``dtype.rounds``) comes on top: outputs then
+        agree to that dtype's precision, which is the tolerance verification used.
+        """
         return bool(self.report["promise"]["exact"])
 
     @property

@@ -269,5 +269,5 @@ def test_cli_export_through_the_plugin(site, fresh, tmp_path):
     src = nanogpt_checkpoint(tmp_path / "src")
     result = CliRunner().invoke(main, ["export", str(src), "-o", str(tmp_path / "m.onnx"), "--json"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)  # the summary went to stderr
     assert report["parity"]["passed"] and report["source"]["architecture"] == "nanogpt"

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from modelgrow.checkpoint.streams import stream_kind
 from modelgrow.errors import OutputError
 
 TMP_MARKER = ".modelgrow-tmp-"
@@ -125,6 +126,8 @@ def write_file_atomically(
     """
     path = Path(path)
     what = what or path.name
+    if stream_kind(path) is not None:  # renaming over /dev/stdout or a FIFO replaces the link, not the stream
+        raise OutputError(f"cannot write {what}: it names a stream or device, not a file (checkpoint/streams.py)", path=path)
     tmp = unique_sibling(path, TMP_MARKER)
     try:
         with output_errors(tmp, path, what):

@@ -9,9 +9,10 @@ folder) carries ``.modelgrow``: UTF-8 JSON, for example
 
 ``files`` lists every file the writer put there (paths relative to the folder, ``/``
 separated; the marker itself is not listed); ``metadata`` is the provenance also stored
-in the safetensors headers (command options, source, version). There is no timestamp or
-command line, on purpose: the same inputs, options and seed give byte-identical
-folders, marker included (the marker's mtime says when). Loaders ignore the file:
+in the safetensors headers (command options, version, the source by its content digest:
+checkpoint/identity.py; never a local path). There is no timestamp or command line, on
+purpose: the same inputs, options and seed give byte-identical folders, marker included
+(the marker's mtime says when). Loaders ignore the file:
 ``transformers``' ``from_pretrained`` and safetensors read only the names they know.
 
 ``--overwrite`` replaces a destination only if it is absent, an empty folder, or a

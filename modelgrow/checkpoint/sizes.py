@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import re
 from fractions import Fraction
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 from modelgrow.errors import UsageError
 
@@ -44,6 +47,21 @@ def parse_size(text: str | int) -> int:
     if value.denominator != 1:
         raise UsageError(f"size {text!r} is not a whole number of bytes")
     return int(value)
+
+
+def _positive_size(value: str | int) -> str | int:
+    """A field check: ``value`` reads as a size of at least one byte (kept as typed, for reports)."""
+    try:
+        size = parse_size(value)
+    except UsageError:
+        size = None
+    if size is None or size < 1:
+        raise ValueError("a size of at least 1 byte: a number of bytes or KB, MB, GB, TB, KiB, MiB, GiB, TiB (e.g. 2GB)")
+    return value
+
+
+#: An option holding a byte size ("2GB", 500000000): refused at parse time unless it reads as >= 1 byte.
+ShardSize = Annotated[str | int, AfterValidator(_positive_size)]
 
 
 def format_size(n: int) -> str:

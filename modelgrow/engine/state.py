@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from ..checkpoint.identity import source_digest, source_identity  # noqa: F401 - where resume and train read them
 from ..errors import InputError
 
 STATE_DIR = "training_state"
@@ -114,47 +114,6 @@ def fingerprint(tokens) -> str:
     for start in range(0, len(tokens), step):
         digest.update(np.asarray(tokens[start:start + step], dtype=np.int64).tobytes())
     return digest.hexdigest()
-
-
-# A source is identified by its files' names, sizes, headers and content. Headers and
-# sizes alone cannot tell two checkpoints of one architecture and size apart (names,
-# shapes, dtypes and offsets are the same: another seed, another training run), so the
-# content counts too: whole files up to IDENTITY_WHOLE_BYTES, above that the header and
-# IDENTITY_SAMPLES evenly spaced windows of the data (4 MiB read per file, milliseconds,
-# where a full sha256 of a 15 GB model takes tens of seconds on every resume). Two
-# different models differ in nearly every weight, so in every window; an edit of a few
-# weights inside a big file can go unseen -- the check is against mix-ups, not tampering.
-IDENTITY_WHOLE_BYTES = 64 * 1024 * 1024
-IDENTITY_SAMPLES = 64
-IDENTITY_WINDOW = 64 * 1024
-
-
-def source_identity(files) -> list[dict]:
-    """[{name, bytes, sha256}] for each file of a checkpoint; see IDENTITY_WHOLE_BYTES."""
-    out = []
-    for path in files:
-        path = Path(path)
-        try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                digest = hashlib.sha256()
-                if size <= IDENTITY_WHOLE_BYTES:
-                    while chunk := f.read(1 << 20):
-                        digest.update(chunk)
-                    sampled = False
-                else:
-                    header = 8 + int.from_bytes(f.read(8), "little")
-                    f.seek(0)
-                    digest.update(f.read(min(header, size)))
-                    span = max(size - header - IDENTITY_WINDOW, 0)
-                    for i in range(IDENTITY_SAMPLES):
-                        f.seek(header + span * i // (IDENTITY_SAMPLES - 1))
-                        digest.update(f.read(IDENTITY_WINDOW))
-                    sampled = True
-        except OSError as exc:
-            raise InputError(f"cannot read: {exc.strerror or exc}", path=path) from None
-        out.append({"name": path.name, "bytes": size, "sha256": digest.hexdigest(), "sampled": sampled})
-    return out
 
 
 def is_step_folder(folder: Path) -> bool:
