@@ -40,9 +40,15 @@ class VerifyResult:
     batch: int
     seq: int
     seed: int
+    # With a cast of the weights (--dtype): how far the cast alone moves the source's own
+    # outputs ({"dtype", "max_abs_diff"}), so that the growth's share can be told apart.
+    cast: dict | None = None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["cast"] is None:
+            del out["cast"]
+        return out
 
     def failure(self, source, grown) -> VerificationError:
         """The error a failed comparison of ``source`` and ``grown`` is reported as (exit 4)."""
@@ -61,13 +67,21 @@ def stored_dtype(source: SourceModel) -> torch.dtype:
 
 
 @torch.no_grad()
-def compare(source: SourceModel, grown: SourceModel, *, batch: int = 2, seq: int = 16, seed: int = 0) -> VerifyResult:
+def compare(source: SourceModel, grown: SourceModel, *, batch: int = 2, seq: int = 16, seed: int = 0,
+            cast: torch.dtype | None = None) -> VerifyResult:
+    """Both models on the same random inputs (in fp32); with ``cast``, also the source with
+    its weights rounded to that dtype, to measure what the cast alone changes."""
     positions = source.dims.positions
     seq = min(seq, positions) if positions else seq
     gen = torch.Generator().manual_seed(seed)
     inputs = source.arch.example_inputs(source.config, batch, seq, gen)
     small = load_module(source)
     ref = source.arch.call(small, source.config, inputs)
+    cast_diff = None
+    if cast is not None:
+        for p in small.parameters():
+            p.copy_(p.to(cast).float())
+        cast_diff = (source.arch.call(small, source.config, inputs).float() - ref.float()).abs().max().item()
     del small
     big = load_module(grown)
     out = grown.arch.call(big, grown.config, inputs)
@@ -82,4 +96,5 @@ def compare(source: SourceModel, grown: SourceModel, *, batch: int = 2, seq: int
     diff = (out - ref).abs().max().item()
     scale = max(1.0, ref.abs().max().item())
     tol = TOLERANCE.get(stored_dtype(grown), 1e-2) * scale
-    return VerifyResult(kind, list(ref.shape), diff, ref.abs().max().item(), tol, diff <= tol, batch, seq, seed)
+    casting = {"dtype": str(cast).removeprefix("torch."), "max_abs_diff": cast_diff} if cast is not None else None
+    return VerifyResult(kind, list(ref.shape), diff, ref.abs().max().item(), tol, diff <= tol, batch, seq, seed, casting)

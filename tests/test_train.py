@@ -90,7 +90,8 @@ def test_full_rank_and_relora_lower_the_validation_loss_on_the_demo(tmp_path):
     assert _names_and_dtypes(out / "model.safetensors") == _names_and_dtypes(demo / "model.safetensors")
     assert (out / "config.json").read_bytes() == (demo / "config.json").read_bytes()
     assert (out / "tokenizer.json").read_bytes() == (demo / "tokenizer.json").read_bytes()
-    assert sorted(p.name for p in out.iterdir()) == [".modelgrow", "config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".modelgrow", "README.md", "config.json", "model.safetensors",
+                                                     "tokenizer.json"]
     model, info = transformers.GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     # transformers scores the merged weights exactly as the training loop did.

@@ -22,6 +22,7 @@ from modelgrow.errors import CheckpointError
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -154,6 +155,15 @@ class Checkpoint:
         if not self._in_model_folder:
             return []
         return [self.root / name for name in TAGALONG_FILES if self._pins.get(self.root / name) is not None]
+
+    def card_file(self) -> tuple[Path | None, str | None]:
+        """The source's model card (README.md) if it could be copied as a tag-along file is:
+        (path, None), (None, why it cannot), or (None, None) when there is none. Never copied
+        unless asked (``--keep-card``): an output gets a card of its own."""
+        if not self._in_model_folder:
+            return None, None
+        real, why = tagalong.vet(self.root, CARD_FILE)
+        return (self.root / CARD_FILE if real is not None else None), why
 
     def total_bytes(self) -> int:
         return sum(info.nbytes for info in self._tensors.values())

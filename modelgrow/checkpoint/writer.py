@@ -153,6 +153,15 @@ class CheckpointWriter:
         self._check_side_file_name(filename)
         self._write_json(filename, obj)
 
+    def write_text(self, filename: str, text: str) -> None:
+        """Write a UTF-8 text side file (the model card, ...) as given; allowed until commit()."""
+        self._require_open()
+        self._check_side_file_name(filename)
+        path = self._tmp / filename
+        with output_errors(path, self.dest):
+            path.write_bytes(text.encode("utf-8"))
+            self._record(filename)
+
     def _write_json(self, filename: str, obj: object) -> None:
         text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
         path = self._tmp / filename
