@@ -148,7 +148,9 @@ def claim(config: dict, tensor_names: list[str], path=None):
         raise LayoutError(
             f"no architecture plugin recognises this checkpoint (model_type {kind!r})",
             path=path,
-            hint=f"known: {', '.join(sorted(architectures))}; see `modelgrow plugins`",
+            hint=f"known: {', '.join(sorted(architectures))}; see `modelgrow plugins`. For another architecture, "
+                 "`modelgrow layout draft CHECKPOINT` drafts a layout to check and package as a plugin "
+                 "(guide: schemas/LAYOUT.md)",
         )
     return architectures[name]
 
