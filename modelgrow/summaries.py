@@ -23,6 +23,9 @@ def format_plan(report: dict) -> str:
         rows.append(f"{key:12}{plan['source'][key]:>12,}{plan['target'][key]:>12,}")
     ratio = plan["target_params"] / max(1, plan["source_params"])
     rows.append(f"{'parameters':12}{plan['source_params']:>12,}{plan['target_params']:>12,}  ({ratio:.2f}x)")
+    new = plan.get("new_layers") or []
+    if new:
+        rows.append(f"new layers: {', '.join(map(str, new))} (growth_map.json; train only these: modelgrow train --train new)")
     exact = "yes" if promise["exact"] else "no"
     rows.append(f"function-preserving: {exact}" + "".join(f"\n  - {n}" for n in promise["notes"]))
     return "\n".join(rows)
@@ -32,8 +35,10 @@ def format_verify(v: dict) -> str:
     if "skipped" in v:
         return f"verify: skipped ({v['skipped']})"
     verdict = "matches" if v["passed"] else "differs from"
+    cast = v.get("cast")
+    alone = f"; the {cast['dtype']} cast alone: {cast['max_abs_diff']:.3g}" if cast else ""
     return (f"verify: grown model {verdict} the source: max |Δ {v['output']}| = {v['max_abs_diff']:.3g} "
-            f"(tolerance {v['tolerance']:.3g}, batch {v['batch']} × {v['seq']} tokens)")
+            f"(tolerance {v['tolerance']:.3g}, batch {v['batch']} × {v['seq']} tokens{alone})")
 
 
 def format_train(r: dict) -> str:

@@ -43,7 +43,7 @@ class CopyOperator(Operator):
     def tensor(self, target: TargetTensor) -> torch.Tensor:
         spec = target.spec
         adjust = adjustment(self.plan, spec, self.head_norms)
-        if target.inserted and self.plan.spec.depth_mode == "identity" and spec.writes_residual:
+        if target.identity and spec.writes_residual:
             # An identity block: it reads the residual but adds nothing to it (yet).
             return adjust.to_stored(torch.zeros(target.shape))
         w = self.source.get(spec, target.source_layer).to(torch.float32)

@@ -94,7 +94,7 @@ def initial_depth(plan: Plan, target: TargetTensor) -> torch.Tensor:
     in identity mode an inserted layer's residual writers get all zeros (the exact zero
     block), free to learn a mixture."""
     coef = torch.zeros(plan.old.layers)
-    if not (target.inserted and plan.spec.depth_mode == "identity" and target.spec.writes_residual):
+    if not (target.identity and target.spec.writes_residual):
         coef[target.source_layer] = 1.0
     return coef
 

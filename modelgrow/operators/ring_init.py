@@ -37,9 +37,8 @@ class Channels:
 def plan_channels(plan, rank: int, layout: SlotLayout) -> Channels:
     """The channels an exact start needs, or the fallback when ``rank`` has no room."""
     notes = []
-    inserted = [ins for _, ins in plan.depth_map]
-    # Identity depth growth zeroes the residual writers of inserted layers only.
-    split_writers = plan.spec.depth_mode == "identity" and any(inserted) and any(b.writer for b in layout.blocks)
+    # Identity depth growth zeroes the residual writers of identity blocks only.
+    split_writers = any(plan.identity) and any(b.writer for b in layout.blocks)
     # A role whose copy map the shared circular unit map cannot reproduce (residual
     # padding, a kv ratio unlike the width's) can carry its own unit map when its copy
     # map factors into unit x piece; every distinct (I map, O map, depth map) then
@@ -106,7 +105,6 @@ def copy_cores(plan, rank: int, ring_init: str, layout: SlotLayout, channels: Ch
     """The cores S_X[rank, X2, X1, rank] of the copy start, and each active channel's
     S_I copy groups (for the noise)."""
     src, tgt = sizes["source"], sizes["target"]
-    inserted = [ins for _, ins in plan.depth_map]
     slot_maps = torch.zeros(len(channels.signatures), tgt["B"], src["B"])
     for blk, g in zip(layout.blocks, channels.of_block):
         count_in = torch.bincount(torch.arange(blk.ni2) % blk.ni1, minlength=blk.ni1).float()
@@ -117,7 +115,7 @@ def copy_cores(plan, rank: int, ring_init: str, layout: SlotLayout, channels: Ch
     for l2, (l1, _) in enumerate(plan.depth_map):
         depth["full"][l2, l1] = 1.0
     depth["writers"] = depth["full"].clone()
-    depth["writers"][torch.tensor(inserted, dtype=torch.bool)] = 0.0
+    depth["writers"][torch.tensor(plan.identity, dtype=torch.bool)] = 0.0
 
     cores = {m: torch.zeros(rank, tgt[m], src[m], rank) for m in RING}
     copy_groups: dict[int, AxisMap] = {}  # channel -> S_I's copy groups
