@@ -17,10 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import grow, signals, trainer
+from . import grow, hub, signals, trainer
 from .compare import VerifyOptions, VerifyResult, compare
 from .checkpoint import open_checkpoint
 from .describe import describe
+from .drafting import Draft, draft_layout as draft_layout_of
 from .destination import check_outputs, source_inputs
 from .engine.state import find_state, read_state
 from .errors import UsageError
@@ -45,7 +46,8 @@ def convert(source: PathLike, dest: PathLike | None = None, spec: GrowthSpec | d
     ``overwrite``, ``max_shard_size``, ``report``, ``onnx``, ...) and otherwise the
     operator's own (``noise``, ``seed``, ``rank``, ...; also as ``operator_options``).
     ``fit`` is a learned operator's FitOptions. With ``onnx`` the grown model is also
-    exported and checked.
+    exported and checked. ``source`` may be a Hugging Face Hub id (``org/name[@revision]``)
+    when no local path has that name (modelgrow.hub).
     """
     sizes = {k: options.pop(k) for k in list(options) if k in GrowthSpec.model_fields}
     spec = GrowthSpec.parse(spec, **sizes)
@@ -54,6 +56,7 @@ def convert(source: PathLike, dest: PathLike | None = None, spec: GrowthSpec | d
     if dest is None and not run.dry_run:
         raise UsageError("give -o/--output, or --dry-run to only print the plan")
     fitting = FitOptions.parse(fit) if fit else None
+    source, from_hub = hub.resolve(source)
     outputs = {"--report": run.report}
     if not run.dry_run:
         outputs.update({"-o/--output": dest, "--onnx": run.onnx, "--onnx data": data_path(run.onnx) if run.onnx else None})
@@ -67,7 +70,7 @@ def convert(source: PathLike, dest: PathLike | None = None, spec: GrowthSpec | d
         source, None if run.dry_run else dest, spec, operator=operator, operator_options=operator_options,
         config_path=run.config, max_shard_size=run.max_shard_size, overwrite=run.overwrite, verify=run.verify,
         dry_run=run.dry_run, allow_nonfinite=run.allow_nonfinite, report_path=run.report, progress=progress,
-        fit_options=fit,
+        fit_options=fit, dtype=run.dtype, keep_card=run.keep_card, hub=from_hub,
     )
     onnx = None
     if run.onnx is not None and "output" in report:
@@ -81,6 +84,7 @@ def verify(source: PathLike, grown: PathLike, *, check: bool = False, **options:
     ``check=True`` raises VerificationError (exit code 4 on the CLI) when they differ.
     """
     o = VerifyOptions.parse(options)
+    source, _ = hub.resolve(source)
     with open_source(source, o.config) as s, open_source(grown) as g:
         result = compare(s, g, batch=o.batch, seq=o.seq, seed=o.seed)
     if check and not result.passed:
@@ -99,6 +103,7 @@ def train(source: PathLike, dest: PathLike, options: TrainOptions | dict[str, An
     given.update(fields)
     where = TrainRun.parse({k: given.pop(k) for k in list(given) if k in TrainRun.model_fields})
     o = TrainOptions.parse(given)
+    source, from_hub = hub.resolve(source)
     state = find_state(where.resume) if where.resume is not None else None  # the step folder actually read
     if state is not None:
         o = o.resumed(read_state(state))  # its options, unless given again: its data is an input too
@@ -110,7 +115,8 @@ def train(source: PathLike, dest: PathLike, options: TrainOptions | dict[str, An
                  tokenizer=o.tokenizer)
     report = trainer.train(source, dest, o, overwrite=where.overwrite, resume=where.resume,
                            progress=progress, report_path=where.report, config_path=where.config,
-                           max_shard_size=where.max_shard_size)
+                           max_shard_size=where.max_shard_size, dtype=where.dtype, keep_card=where.keep_card,
+                           hub=from_hub)
     return TrainResult(report)
 
 
@@ -121,6 +127,7 @@ def export(source: PathLike, dest: PathLike, **options: Any) -> ExportResult:
     ``overwrite``, ``config``, ``report``.
     """
     o = ExportOptions.parse(options)
+    source, _ = hub.resolve(source)
     signals.expect(o.report)
     _check_paths(source, o.config, {"-o/--output": dest, "the external data file": data_path(dest), "--report": o.report},
                  report=o.report)
@@ -145,8 +152,25 @@ def _check_paths(source: PathLike, config: PathLike | None, outputs: dict[str, A
 
 def inspect(path: PathLike, *, config: PathLike | None = None, tensors: bool = False) -> dict[str, Any]:
     """A checkpoint's architecture, sizes, parameter count (and every tensor's axis roles)."""
-    return describe(path, config, tensors=tensors)
+    return describe(hub.resolve(path)[0], config, tensors=tensors)
 
 
-__all__ = ["convert", "verify", "train", "export", "inspect", "ConvertResult", "TrainResult", "ExportResult",
+def draft_layout(source: PathLike, dest: PathLike | None = None, *, config: PathLike | None = None,
+                 overwrite: bool = False) -> Draft:
+    """Draft a layout for ``source``, an architecture no plugin knows (schemas/LAYOUT.md).
+
+    The Draft holds the layout (``layout``, a dict that validates; ``to_json()`` formats
+    it like the built-in files) and ``checks``: what the weights cannot show, for the
+    author to confirm. With ``dest`` the JSON is also written there, atomically; an
+    existing file only with ``overwrite``.
+    """
+    if dest is not None:
+        _check_paths(source, config, {"-o/--output": dest})
+    draft = draft_layout_of(source, config)
+    if dest is not None:
+        draft.write(dest, overwrite=overwrite)
+    return draft
+
+
+__all__ = ["convert", "verify", "train", "export", "inspect", "draft_layout", "ConvertResult", "TrainResult", "ExportResult",
            "VerifyResult", "GrowthSpec", "FitOptions", "TrainOptions"]

@@ -20,10 +20,13 @@ import click
 from . import signals
 from .version import __version__
 from .errors import EXIT_INTERNAL, ModelgrowError
-from .options import click_option, given, param_name, with_options
+from .options import OptionsCommand, click_option, given, param_name, with_options
 
-# The option groups are imported with the commands that use them, so that
-# `modelgrow --help` and `modelgrow plugins` start without torch.
+# The option groups are imported when their command runs or shows its own help (the
+# lambdas below, OptionsCommand), so that `modelgrow --help` and `--version` start
+# without torch.
+
+JSON_HELP = "Print the JSON report to standard output (as --report - does); everything else goes to standard error."
 
 
 def handle_errors(fn):
@@ -109,6 +112,21 @@ def _progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
+def _json_out(as_json: bool, values: dict) -> bool:
+    """Whether the report goes to standard output: --json, --report - or --report /dev/stdout.
+
+    Then the command prints it once it is done (``values["report"]`` is dropped so the
+    engine does not write it too), and all human output goes to standard error: standard
+    output is one JSON document a pipeline can parse.
+    """
+    from .checkpoint.streams import stream_kind
+
+    if values.get("report") is not None and stream_kind(values["report"]) == "stdout":
+        values["report"] = None
+        return True
+    return as_json
+
+
 # -- convert --------------------------------------------------------------------------------
 
 
@@ -125,7 +143,7 @@ def operator_fields() -> dict[str, tuple[type, list[str]]]:
     return fields
 
 
-class ConvertCommand(click.Command):
+class ConvertCommand(OptionsCommand):
     """`convert` with one flag per operator option, read from the operators registered now."""
 
     def get_params(self, ctx):
@@ -152,13 +170,14 @@ def _convert_groups():
 @main.command(cls=ConvertCommand)
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Folder to write the grown checkpoint to.")
-@with_options(_convert_groups()[0])
+@with_options(lambda: _convert_groups()[0])
 @click.option("--operator", default="copy", show_default=True, help="Growth operator (see `modelgrow plugins`).")
-@with_options(_convert_groups()[1])
-@with_options(_convert_groups()[2])
+@with_options(lambda: _convert_groups()[1])
+@with_options(lambda: _convert_groups()[2])
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or plan table.")
 @handle_errors
-def convert(source, output, operator, quiet, **values):
+def convert(source, output, operator, as_json, quiet, **values):
     """Grow SOURCE (a .safetensors file, a sharded index, or a Hugging Face folder)."""
     from . import api
     from .summaries import format_fit, format_plan, format_verify
@@ -166,27 +185,31 @@ def convert(source, output, operator, quiet, **values):
     spec_group, fit_group, run_group = _convert_groups()
     operator_options = {name: values[param_name(model, name)] for name, (model, _) in operator_fields().items()
                         if values.get(param_name(model, name)) is not None}
+    as_json = _json_out(as_json, values)
+    echo = functools.partial(click.echo, err=as_json)  # with JSON on stdout, people read stderr
     run = given(values, run_group)
     result = api.convert(source, output, given(values, spec_group), operator=operator,
                          operator_options=operator_options, fit=given(values, fit_group) or None,
                          progress=_progress(quiet), **run)
     report = result.report
     if "fit" in report and not quiet:
-        click.echo(format_fit(report["fit"]))
-    if not quiet or run.get("dry_run"):
-        click.echo(format_plan(report))
+        echo(format_fit(report["fit"]))
+    if not quiet or (run.get("dry_run") and not as_json):
+        echo(format_plan(report))
     if "verify" in report:
-        click.echo(format_verify(report["verify"]))
+        echo(format_verify(report["verify"]))
     for name, why in report.get("tagalong", {}).get("left_behind", {}).items():
         click.echo(f"warning: {name} was not copied: {why}", err=True)
     if result.output is not None:
         files = report["output"]["files"]
-        click.echo(f"wrote {result.output} ({len(files)} files, {sum(f['bytes'] for f in files):,} bytes) "
-                   f"in {report['timings']['total_s']:.1f}s")
+        echo(f"wrote {result.output} ({len(files)} files, {sum(f['bytes'] for f in files):,} bytes) "
+             f"in {report['timings']['total_s']:.1f}s")
     if result.onnx is not None:
         from .onnx_export import summary_lines
 
-        click.echo("\n".join(summary_lines(result.onnx.report)))
+        echo("\n".join(summary_lines(result.onnx.report)))
+    if as_json and (result.output is not None or report["dry_run"]):  # not on a data-parallel helper rank
+        click.echo(result.to_json())
 
 
 # -- train ----------------------------------------------------------------------------------
@@ -198,15 +221,16 @@ def _train_groups():
     return TrainOptions, TrainRun
 
 
-@main.command("train")
+@main.command("train", cls=OptionsCommand)
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Folder for the trained checkpoint: always dense, in SOURCE's format.")
-@with_options(_train_groups()[0])
-@with_options(_train_groups()[1])
+@with_options(lambda: _train_groups()[0])
+@with_options(lambda: _train_groups()[1])
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
-def train_command(source, output, quiet, **values):
+def train_command(source, output, as_json, quiet, **values):
     """Continue training SOURCE (e.g. a grown checkpoint), full-rank or with ReLoRA.
 
     Under torchrun every process trains its slice of the global batch; rank 0 writes.
@@ -215,9 +239,12 @@ def train_command(source, output, quiet, **values):
     from .summaries import format_train
 
     options, run = _train_groups()
+    as_json = _json_out(as_json, values)
     result = api.train(source, output, given(values, options), progress=_progress(quiet), **given(values, run))
-    if result.output is not None:
-        click.echo(format_train(result.report))
+    if result.output is not None:  # rank 0
+        click.echo(format_train(result.report), err=as_json)
+        if as_json:
+            click.echo(result.to_json())
 
 
 # -- inspect, verify, export, demo, plugins ---------------------------------------------------
@@ -250,11 +277,11 @@ def _verify_group():
     return VerifyOptions
 
 
-@main.command()
+@main.command(cls=OptionsCommand)
 @click.argument("source", type=click.Path(path_type=Path))
 @click.argument("grown", type=click.Path(path_type=Path))
-@with_options(_verify_group())
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@with_options(lambda: _verify_group())
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (standard output holds only it).")
 @handle_errors
 def verify(source, grown, as_json, **values):
     """Run SOURCE and GROWN on the same random inputs and compare their outputs.
@@ -289,12 +316,12 @@ def _export_group():
     return ExportOptions
 
 
-@main.command("export")
+@main.command("export", cls=OptionsCommand)
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="The .onnx file to write; with external data OUTPUT.data goes beside it (keep the two together).")
-@with_options(_export_group())
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@with_options(lambda: _export_group())
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @handle_errors
 def export_command(source, output, as_json, **values):
     """Export SOURCE to ONNX (needs the onnx extra) and check it against PyTorch.
@@ -304,8 +331,11 @@ def export_command(source, output, as_json, **values):
     from . import api
     from .onnx_export import summary_lines
 
+    as_json = _json_out(as_json, values)
     result = api.export(source, output, **given(values, _export_group()))
-    click.echo(result.to_json() if as_json else "\n".join(summary_lines(result.report)))
+    click.echo("\n".join(summary_lines(result.report)), err=as_json)
+    if as_json:
+        click.echo(result.to_json())
 
 
 @main.command("plugins")
@@ -327,3 +357,36 @@ def plugins_command(as_json):
         click.echo(f"  hooks: {', '.join(r['hooks'])}")
     for f in failed:
         click.echo(f"{f.name}  FAILED to load: {f.error}")
+
+
+# -- layout -----------------------------------------------------------------------------------
+
+
+@main.group("layout")
+def layout_group():
+    """Architecture layouts: what every tensor of a checkpoint is (schemas/LAYOUT.md)."""
+
+
+@layout_group.command("draft")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Write the layout JSON here (default, or -: standard output).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="config.json, when not beside CHECKPOINT.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@handle_errors
+def layout_draft(checkpoint, output, config_path, overwrite):
+    """Draft a layout for CHECKPOINT, an architecture no plugin knows.
+
+    Reads config.json and every tensor's name and shape (and the norm gains' values).
+    Standard error gets one `check:` line per thing the weights cannot show.
+    """
+    from . import api
+
+    to_stdout = output is None or str(output) == "-"
+    draft = api.draft_layout(checkpoint, None if to_stdout else output, config=config_path, overwrite=overwrite)
+    if to_stdout:
+        click.echo(draft.to_json(), nl=False)
+    else:
+        click.echo(f"wrote {output}", err=True)
+    for line in draft.checks:
+        click.echo(f"check: {line}", err=True)

@@ -17,11 +17,16 @@ from tqdm.auto import tqdm
 
 from . import plugins, signals
 from .version import __version__
-from .checkpoint import CheckpointWriter, parse_size
+from .card import Recipe, convert_card, source_label, write_card
+from .checkpoint import CheckpointWriter, dtypes, parse_size
+from .checkpoint.dtypes import DtypeName
+from .checkpoint.sizes import ShardSize
+from .checkpoint.identity import source_digest, source_identity
 from .destination import check_destination
 from .options import Options, option
 from .errors import InputError, ModelgrowError, OutputError, UsageError, VerificationError
-from .fit import is_writer, prepare_fit
+from .fit import FitOptions, is_writer, prepare_fit
+from .growth_map import GROWTH_MAP, growth_map
 from .plan import GrowthSpec, Plan, make_plan
 from .report import write_report
 from .source import SourceModel, open_source
@@ -37,20 +42,27 @@ class ConvertOptions(Options):
     kind = "convert"
 
     config: Path | None = option(None, "config.json, when not beside SOURCE.")
-    max_shard_size: str | int = option("2GB", "Largest shard in bytes; units KB/MB/GB (powers of 1000) or KiB/MiB/GiB.")
+    max_shard_size: ShardSize = option("2GB", "Largest shard in bytes; units KB/MB/GB (powers of 1000) or KiB/MiB/GiB.")
     overwrite: bool = option(False, "Replace OUTPUT if it exists (only once the new one is complete).")
     verify: bool | None = option(None, "Run both models and compare outputs [default: on up to 300M parameters].")
     dry_run: bool = option(False, "Print the plan and stop.")
     allow_nonfinite: bool = option(False, "Grow weights that hold NaN or Inf instead of refusing.")
-    report: Path | None = option(None, "Write a JSON report of the run here.")
+    report: Path | None = option(None, "Write a JSON report of the run here; - (or /dev/stdout) prints it, like --json.")
     onnx: Path | None = option(None, "Also export the grown model to this .onnx file, checked like `modelgrow export` does.")
+    dtype: DtypeName = option("source", "Store the grown weights as bf16, fp16 or fp32 (growth computes in fp32 either "
+                                        "way); source: each tensor as the source stores it.")
+    keep_card: bool = option(False, "Copy SOURCE's README.md (its model card) instead of writing a new card.")
 
 
-def provenance(plan: Plan, operator_name: str, options: dict[str, Any]) -> dict[str, str]:
-    """safetensors metadata (str -> str) saying where a grown checkpoint came from."""
+def provenance(plan: Plan, operator_name: str, options: dict[str, Any], source_sha256: str) -> dict[str, str]:
+    """safetensors metadata (str -> str) saying where a grown checkpoint came from.
+
+    The source by content (checkpoint/identity.py), never by path: the same source under
+    any spelling gives byte-identical shards, and no local path is published with them.
+    """
     return {
         "modelgrow.version": __version__,
-        "modelgrow.source": str(plan.source.path),
+        "modelgrow.source_sha256": source_sha256,
         "modelgrow.operator": operator_name,
         "modelgrow.options": json.dumps(options, sort_keys=True),
         "modelgrow.plan": json.dumps(
@@ -76,33 +88,45 @@ def convert(
     report_path: str | Path | None = None,
     progress: bool = True,
     fit_options: dict[str, Any] | None = None,
+    dtype: str = "source",
+    keep_card: bool = False,
+    hub: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Grow the checkpoint at ``source_path`` into ``dest``; return the run's report.
 
     A learned operator (``op.learned``) is first fitted with ``fit_options`` (see
     modelgrow.fit.FitOptions); under torchrun every rank fits, rank 0 alone writes.
+    ``dtype`` is what the weights are stored as (modelgrow.checkpoint.dtypes); ``hub``
+    the Hub id the source was resolved from (modelgrow.hub), for the report and the card.
     """
     started = time.perf_counter()
+    run = ConvertOptions.parse(dtype=dtype, max_shard_size=max_shard_size, allow_nonfinite=allow_nonfinite, verify=verify)
     timings: dict[str, float] = {}
     options = dict(operator_options or {})
     max_shard_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     with open_source(source_path, config_path) as source:
         try:
             plan = make_plan(source, spec)
+            casting = dtypes.describe(run.dtype, {source.checkpoint.info(b.name).dtype for b in source.bound()})
+            if dtypes.cast_note(casting):  # before the operator takes the plan's promise
+                plan.promise.notes.append(dtypes.cast_note(casting))
             op = plugins.get_operator(operator)(plan, **options)
         except ModelgrowError as err:
             # "target width 16 is smaller than the source's 32" must say which
             # checkpoint it is about when it is one line in a batch job's log.
             raise err.located(source_path) from None
+        source_sha256 = source_digest(source_identity(source.checkpoint.files))
         timings["plan_s"] = time.perf_counter() - started
         report: dict[str, Any] = {
             "modelgrow_version": __version__,
             "command": "convert",
-            "source": {"path": str(source_path), "params": plan.source_params(), "files": [str(f) for f in source.checkpoint.files]},
+            "source": {"path": str(source_path), "params": plan.source_params(), "files": [str(f) for f in source.checkpoint.files],
+                       "sha256": source_sha256, **({"hub": hub} if hub else {})},
             "plan": plan.summary(),
             "operator": {"name": op.name, "options": op.describe_options()},
             "promise": op.promise().as_dict(),
             "dry_run": dry_run,
+            "dtype": casting,
         }
         if dry_run or dest is None:
             report["timings"] = timings
@@ -119,15 +143,16 @@ def convert(
         if fitting is not None and not is_writer():
             report["fit"] = fitting.run(progress=False)  # a data-parallel helper rank: rank 0 writes
             return report
-        with CheckpointWriter(dest, max_shard_bytes=max_shard_bytes, metadata=provenance(plan, op.name, op.describe_options()), overwrite=overwrite) as writer:
+        with CheckpointWriter(dest, max_shard_bytes=max_shard_bytes, metadata=provenance(plan, op.name, op.describe_options(), source_sha256), overwrite=overwrite) as writer:
             if fitting is not None:
                 t1 = time.perf_counter()
                 report["fit"] = fitting.run(progress)
                 report["promise"] = op.promise().as_dict()  # fitting moves it off the exact start
                 timings["fit_s"] = time.perf_counter() - t1
             t0 = time.perf_counter()
-            _write_tensors(plan, op, writer, allow_nonfinite, progress)
-            writer.write_json("config.json", plan.config)
+            _write_tensors(plan, op, writer, allow_nonfinite, progress, dtypes.target_dtype(run.dtype))
+            writer.write_json("config.json", dtypes.config_with_dtype(plan.config, run.dtype))
+            writer.write_json(GROWTH_MAP, growth_map(plan, op.name, op.learned))
             for f in source.checkpoint.tagalong_files():
                 writer.copy_file(f)
             report["tagalong"] = {"copied": [f.name for f in source.checkpoint.tagalong_files()],
@@ -139,8 +164,11 @@ def convert(
             source.checkpoint.verify_unchanged()
             if verify:
                 t1 = time.perf_counter()
-                report["verify"] = _verify(source, staged, op.promise().exact)
+                cast = dtypes.target_dtype(run.dtype) if casting["rounds"] else None
+                report["verify"] = _verify(source, staged, op.promise().exact, cast)
                 timings["verify_s"] = time.perf_counter() - t1
+            report["card"] = write_card(writer, source.checkpoint, convert_card(report, _recipe(hub, spec, op, fit_options, run)),
+                                        keep_card, report["tagalong"]["left_behind"])
             source.checkpoint.verify_unchanged()
             with signals.committing(dest):
                 files = writer.commit()
@@ -160,19 +188,32 @@ def convert(
     return report
 
 
-def _write_tensors(plan: Plan, op, writer: CheckpointWriter, allow_nonfinite: bool, progress: bool) -> None:
+def _recipe(hub, spec: GrowthSpec, op, fit_options, run: ConvertOptions) -> Recipe:
+    """The command (and Python call) that grows this checkpoint again, for its card."""
+    recipe = Recipe("convert", source_label(hub)).add(spec)
+    if op.name != "copy":
+        recipe.option("--operator", "operator", op.name)
+    recipe.add(op.settings)
+    if fit_options:
+        recipe.add(FitOptions.parse(fit_options), nest="fit")
+    return recipe.add(run)
+
+
+def _write_tensors(plan: Plan, op, writer: CheckpointWriter, allow_nonfinite: bool, progress: bool,
+                   cast: torch.dtype | None = None) -> None:
     bar = tqdm(plan.targets, desc="growing", unit="tensor", disable=not progress, leave=False)
     for target in bar:
-        dtype = plan.source.info(target.spec, target.source_layer).dtype
+        dtype = dtypes.output_dtype(plan.source.info(target.spec, target.source_layer).dtype, cast)
         w = op.tensor(target)
+        src = plan.source.stored_name(target.spec, target.source_layer)
         if not allow_nonfinite and w.is_floating_point() and not _all_finite(w):
-            src = plan.source.stored_name(target.spec, target.source_layer)
-            raise InputError(
-                f"tensor {src!r} holds NaN or Inf values",
-                path=plan.source.checkpoint.path,
-                hint="pass --allow-nonfinite to grow it anyway",
-            )
-        writer.add(target.name, w.to(dtype).contiguous())
+            raise InputError(f"tensor {src!r} holds NaN or Inf values", path=plan.source.checkpoint.path,
+                             hint="pass --allow-nonfinite to grow it anyway")
+        narrowed, w = w.dtype != dtype, w.to(dtype).contiguous()
+        if narrowed and not allow_nonfinite and w.is_floating_point() and not _all_finite(w):  # fp16 overflows at 65504
+            raise InputError(f"tensor {src!r} grows to values beyond the range of {dtypes.short(dtype)}",
+                             path=plan.source.checkpoint.path, hint="choose another --dtype (bf16 has fp32's range)")
+        writer.add(target.name, w)
 
 
 def _all_finite(w: torch.Tensor) -> bool:
@@ -183,10 +224,10 @@ def _all_finite(w: torch.Tensor) -> bool:
     return bool(torch.isfinite(total)) or bool(torch.isfinite(w).all())
 
 
-def _verify(source: SourceModel, staged: Path, promised_exact: bool) -> dict:
+def _verify(source: SourceModel, staged: Path, promised_exact: bool, cast: torch.dtype | None = None) -> dict:
     try:
         with open_source(staged) as grown:
-            result = compare(source, grown)
+            result = compare(source, grown, cast=cast)
     except NotImplementedError as exc:
         return {"skipped": str(exc)}
     out = result.as_dict()
@@ -194,7 +235,8 @@ def _verify(source: SourceModel, staged: Path, promised_exact: bool) -> dict:
     if promised_exact and not result.passed:
         raise VerificationError(
             f"grown model differs from the source by {result.max_abs_diff:.3g} "
-            f"(tolerance {result.tolerance:.3g}) although the growth is exact",
+            f"(tolerance {result.tolerance:.3g}) although the growth is exact"
+            + (f" (the cast to {result.cast['dtype']} alone moves it by {result.cast['max_abs_diff']:.3g})" if result.cast else ""),
             path=source.path,
             hint="nothing was written; please report this as a bug",
         )

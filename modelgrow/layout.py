@@ -19,13 +19,15 @@ from typing import Any
 
 import jsonschema
 
+from .config_access import config_get, config_has, config_set
 from .errors import InputError, LayoutError
 
 LAYER = "${layer}"
+EXPERT = "${expert}"  # mixture-of-experts: one tensor per expert, 0 .. experts-1
 
 # Roles whose size follows the model's dims; every other role is a fixed size that
-# growth leaves alone (vocabulary, positions, image channels, head_dim, ...).
-GROWABLE_ROLES = ("residual", "attn", "kv", "ffn")
+# growth leaves alone (vocabulary, positions, image channels, head_dim, experts, ...).
+GROWABLE_ROLES = ("residual", "attn", "kv", "ffn", "expert_ffn", "shared_ffn")
 
 # What a model is fed: token ids (text) or pixel_values (vision). See "inputs" in the schema.
 INPUT_KINDS = ("tokens", "image")
@@ -42,45 +44,6 @@ def split_role(role: str) -> tuple[str, int]:
     (GPT-NeoX's query_key_value stores q, k, v per head); a plain role has multiplicity 1."""
     base, _, times = role.partition("*")
     return base, int(times) if times else 1
-
-
-_MISSING = object()
-
-
-def _lookup(config: dict, key: str) -> Any:
-    if key in config:
-        return config[key]
-    node: Any = config
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _MISSING
-        node = node[part]
-    return node
-
-
-def config_get(config: dict, key: str) -> Any:
-    """``config[key]``, where a dotted key ("model_args.n_embd") walks nested objects.
-
-    A literal key wins over the dotted path, so configs whose keys contain dots still work.
-    """
-    value = _lookup(config, key)
-    return None if value is _MISSING else value
-
-
-def config_has(config: dict, key: str) -> bool:
-    return _lookup(config, key) is not _MISSING
-
-
-def config_set(config: dict, key: str, value: Any) -> None:
-    """Set ``key`` (dotted: nested) in place, creating intermediate objects if needed."""
-    if key in config or "." not in key:
-        config[key] = value
-        return
-    node = config
-    *parents, last = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[last] = value
 
 
 @dataclass(frozen=True)
@@ -124,6 +87,10 @@ class TensorSpec:
     def render(self, layer: int | None) -> str:
         return self.name if layer is None else self.name.replace(LAYER, str(layer))
 
+    def for_expert(self, expert: int) -> TensorSpec:
+        """This spec for one expert (``${expert}`` filled in): a tensor of its own."""
+        return dataclasses.replace(self, name=self.name.replace(EXPERT, str(expert)))
+
 
 @dataclass(frozen=True)
 class Dims:
@@ -137,6 +104,9 @@ class Dims:
     ffn: int
     vocab: int | None  # None for models fed something other than tokens (images)
     positions: int | None = None
+    experts: int | None = None  # mixture of experts: experts per MoE block
+    expert_ffn: int | None = None  # one expert's FFN size, where it has its own config key
+    shared_ffn: int | None = None  # the shared expert's FFN size (Qwen2-MoE)
 
     def role_size(self, role: str) -> int | None:
         role, times = split_role(role)
@@ -149,6 +119,9 @@ class Dims:
             "positions": self.positions,
             # Per-head tensors (Qwen3's q_norm/k_norm): sized by head_dim, which growth keeps.
             "head_dim": self.head_dim,
+            "experts": self.experts,
+            "expert_ffn": self.expert_ffn,
+            "shared_ffn": self.shared_ffn,
         }.get(role)
         return None if size is None else size * times
 
@@ -175,7 +148,7 @@ class Layout:
     norm_type: str
     norm_placement: str
     eps_key: str | None
-    config_keys: dict[str, str]
+    config_keys: dict[str, str | list[str]]  # a list: spellings tried in order (num_experts, num_local_experts)
     ffn_default_multiple: float | None
     base_prefix: str
     classes: dict[str, dict[str, Any]]
@@ -266,6 +239,8 @@ class Layout:
                 self._fail(where, f"'in' is {t.in_axis} but the tensor has {len(t.axes)} axes")
             if (LAYER in t.name) != t.per_layer:
                 self._fail(where, "exactly the 'layer' tensors must contain ${layer} in their name")
+            if EXPERT in t.name and not (t.per_layer and "experts" in self.config_keys):
+                self._fail(where, "${expert} belongs in 'layer' tensors of a layout with an 'experts' config key")
             if t.kind in RESIDUAL_NORM_KINDS and t.axes != (("residual",),):
                 self._fail(where, f"a {t.kind} tensor must have axes [\"residual\"]")
             if t.kind == "inner_norm_weight" and t.axes not in ((("head_dim",),), (("attn",),), (("kv",),)):
@@ -305,11 +280,18 @@ class Layout:
                 return t
         raise KeyError(name)
 
+    def config_key(self, config: dict, role: str) -> str | None:
+        """The key holding ``role``'s size in this config: the first spelling present."""
+        keys = self.config_keys.get(role)
+        if keys is None or isinstance(keys, str):
+            return keys
+        return next((k for k in keys if config_has(config, k)), keys[0])
+
     def dims(self, config: dict, config_path: str | Path | None = None) -> Dims:
         """Read the growable sizes from a config, filling the usual defaults."""
 
         def read(role: str, required: bool = True) -> int | None:
-            key = self.config_keys.get(role)
+            key = self.config_key(config, role)
             value = config_get(config, key) if key else None
             if value is None:
                 if required:
@@ -350,6 +332,9 @@ class Layout:
             ffn=ffn,
             vocab=read("vocab", required="vocab" in self.config_keys),
             positions=read("positions", required=False),
+            experts=read("experts", required="experts" in self.config_keys),
+            expert_ffn=read("expert_ffn", required="expert_ffn" in self.config_keys),
+            shared_ffn=read("shared_ffn", required="shared_ffn" in self.config_keys),
         )
 
     def claims(self, config: dict) -> bool:
@@ -362,7 +347,8 @@ class Layout:
 
 
 def template_regex(template: str) -> re.Pattern:
-    return re.compile("^" + re.escape(template).replace(re.escape(LAYER), r"\d+") + "$")
+    pattern = re.escape(template).replace(re.escape(LAYER), r"\d+").replace(re.escape(EXPERT), r"\d+")
+    return re.compile("^" + pattern + "$")
 
 
 @lru_cache(maxsize=None)

@@ -88,6 +88,9 @@ class RoleMaps:
             "kv": heads(old.kv_heads, new.kv_heads, old.head_dim),
             "ffn": circular(old.ffn, new.ffn),
         }
+        for role in ("expert_ffn", "shared_ffn"):  # mixture-of-experts FFNs with their own sizes
+            if getattr(old, role) is not None:
+                self.maps[role] = circular(getattr(old, role), getattr(new, role))
         self._heads = {"attn": (old.heads, new.heads), "kv": (old.kv_heads, new.kv_heads)}
         self._head_dim = old.head_dim
 

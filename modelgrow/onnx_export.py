@@ -51,6 +51,9 @@ EXAMPLE_SHAPE = (2, 8)
 
 # The dynamo exporter writes this operator set natively; older ones it silently ignores.
 MIN_OPSET = 18
+# The newest its version converter (onnxscript's SUPPORTED_MAX_ONNX_OPSET) reaches; a newer
+# --opset is refused when the options are read, before any export.
+MAX_OPSET = 25
 
 
 def require_onnx():
@@ -99,11 +102,11 @@ class ExportOptions(Options):
     kind = "export"
 
     config: Path | None = option(None, "config.json, when not beside SOURCE.")
-    opset: int = option(18, f"ONNX operator set ({MIN_OPSET} or newer).", ge=1, strict=True)
+    opset: int = option(18, f"ONNX operator set ({MIN_OPSET} to {MAX_OPSET}).", ge=MIN_OPSET, le=MAX_OPSET, strict=True)
     check: bool = option(True, "Run the file in onnxruntime on new shapes and compare it with PyTorch.")
     external_data: bool | None = option(None, "Store the weights in OUTPUT.data [default: only past 1.5 GiB].")
     overwrite: bool = option(False, "Replace OUTPUT (and OUTPUT.data) if they exist.")
-    report: Path | None = option(None, "Write a JSON report of the run here.")
+    report: Path | None = option(None, "Write a JSON report of the run here; - (or /dev/stdout) prints it, like --json.")
 
 
 def export_onnx(
@@ -131,6 +134,10 @@ def export_onnx(
                          hint=f"use --opset {MIN_OPSET} or higher")
     dest = Path(dest)
     with open_source(checkpoint_path, config_path) as source:
+        if source.dims.experts:
+            raise UsageError(f"ONNX export of a mixture-of-experts model ({source.layout.name}) is not supported yet: "
+                             "torch.export cannot trace its data-dependent expert routing",
+                             hint="export the dense model, or use the checkpoint with transformers")
         check_destination(dest, overwrite=overwrite)
         check_outputs(source_inputs(source), {"-o/--output": dest, "the external data file": data_path(dest)})
         signals.expect(dest)

@@ -15,6 +15,7 @@ from pydantic import ConfigDict
 
 from .errors import UsageError
 from .options import Options, option
+from .layer_map import LayerMap, insert_identity, parse_layers
 from .layout import Dims, TensorSpec, config_get, config_has, config_set
 from .source import SourceModel
 
@@ -36,6 +37,10 @@ class GrowthSpec(Options):
     kv_heads: str | int | None = option(None, f"Key/value heads for grouped-query attention: {SIZE_HELP}.")
     ffn: str | int | None = option(None, f"FFN hidden size: {SIZE_HELP} [default: scaled with the width].")
     # A plain string: make_plan names the modes when it refuses one.
+    layers: str | None = option(None, 'Source layers in target order: "0-23,8-31" (SOLAR), "0-3,3+,4-7" (3+: an '
+                                      "identity copy of layer 3). Sets the depth.")
+    insert: str | None = option(None, "Identity blocks after every K-th source layer (every:4, LLaMA Pro), at the end "
+                                      "(end) or after the listed source layers (3,7). Sets the depth.")
     depth_mode: str = option("identity", "identity: inserted blocks add nothing (exact for pre-LN); interleave: "
                                          "0,0,1,1,..; stack: 0,1,..,0,1,.. (not exact).", choices=DEPTH_MODES)
 
@@ -45,10 +50,11 @@ class TargetTensor:
     spec: TensorSpec
     layer: int | None  # target layer index
     source_layer: int | None  # the source layer it is grown from
-    inserted: bool  # an extra copy added by depth growth (identity mode zeroes its writers)
+    inserted: bool  # a block added by depth growth: an identity block or an extra copy
     name: str
     shape: tuple[int, ...]
     source_shape: tuple[int, ...]
+    identity: bool = False  # in an identity block: a residual writer here starts at zero
 
     @property
     def numel(self) -> int:
@@ -90,6 +96,7 @@ class Plan:
     config: dict  # the target config.json
     targets: list[TargetTensor]
     promise: Promise
+    identity: tuple[bool, ...] = ()  # per target layer: an identity block (residual writers zeroed)
 
     @property
     def width_multiple(self) -> int:
@@ -124,7 +131,9 @@ class Plan:
             "source": self.old.as_dict(),
             "target": self.new.as_dict(),
             "depth_mode": self.spec.depth_mode,
-            "depth_map": [{"source_layer": s, "inserted": i} for s, i in self.depth_map],
+            "depth_map": [{"source_layer": s, "inserted": i, "identity": z}
+                          for (s, i), z in zip(self.depth_map, self.identity)],
+            "new_layers": [i for i, (_, inserted) in enumerate(self.depth_map) if inserted],
             "tied_embeddings": self.source.tied,
             "source_params": self.source_params(),
             "target_params": self.target_params(),
@@ -156,7 +165,14 @@ def make_plan(source: SourceModel, spec: GrowthSpec) -> Plan:
     promise = Promise()
 
     residual = parse_amount(spec.width, old.residual, "hidden units", "--width")
+    layer_map = _layer_map(spec, old.layers)
     layers = parse_amount(spec.depth, old.layers, "layers", "--depth")
+    if layer_map is not None:
+        if spec.depth is not None and layers != len(layer_map.sources):
+            flag = "--layers" if spec.layers is not None else "--insert"
+            raise UsageError(f"--depth {spec.depth} disagrees with the {len(layer_map.sources)} layers {flag} gives",
+                             hint=f"drop --depth: {flag} sets it")
+        layers = len(layer_map.sources)
     for what, new, cur in (("width", residual, old.residual), ("depth", layers, old.layers)):
         if new < cur:
             raise UsageError(f"target {what} {new} is smaller than the source's {cur}", hint="modelgrow only grows models")
@@ -211,7 +227,12 @@ def make_plan(source: SourceModel, spec: GrowthSpec) -> Plan:
     if ffn < old.ffn:
         raise UsageError(f"target FFN size {ffn} is smaller than the source's {old.ffn}", hint="modelgrow only grows models")
 
-    new = Dims(residual, layers, heads, kv_heads, old.head_dim, ffn, old.vocab, old.positions)
+    # Expert and shared-expert FFNs (their own config keys) grow in proportion to the FFN.
+    def scaled(size: int | None) -> int | None:
+        return None if size is None else math.ceil(size * ffn / old.ffn)
+
+    new = Dims(residual, layers, heads, kv_heads, old.head_dim, ffn, old.vocab, old.positions,
+               old.experts, scaled(old.expert_ffn), scaled(old.shared_ffn))
 
     if residual % old.residual:
         if layout.norm_placement == "pre":
@@ -222,21 +243,28 @@ def make_plan(source: SourceModel, spec: GrowthSpec) -> Plan:
 
     _norm_promises(layout, old, new, promise)
 
-    depth_map = _depth_map(old.layers, layers, spec.depth_mode)
-    if layers > old.layers:
-        if spec.depth_mode != "identity":
+    if layer_map is None:
+        depth_map = _depth_map(old.layers, layers, spec.depth_mode)
+        identity = tuple(ins and spec.depth_mode == "identity" for _, ins in depth_map)
+        if layers > old.layers and spec.depth_mode != "identity":
             promise.depth = False
             promise.notes.append(f"depth mode {spec.depth_mode!r} copies whole blocks: not function-preserving")
-        elif layout.norm_placement == "post":
+    else:
+        depth_map, identity = layer_map.depth_map(), layer_map.identity
+        reasons = layer_map.not_exact(old.layers)
+        if reasons:
             promise.depth = False
-            promise.notes.append("post-LN model: an inserted block still applies its LayerNorms, so depth growth is not exact")
+            promise.notes += reasons
+    if any(identity) and promise.depth and layout.norm_placement == "post":
+        promise.depth = False
+        promise.notes.append("post-LN model: an inserted block still applies its LayerNorms, so depth growth is not exact")
     moved = any(src != index for index, (src, inserted) in enumerate(depth_map) if not inserted)
     flags = [key for key in layout.layer_index_keys if config_has(source.config, key) and config_get(source.config, key)]
     if moved and flags and promise.depth:
         promise.depth = False
         promise.notes.append(f"{', '.join(flags)} is set: blocks depend on their index, and depth growth moves them, so it is not exact")
 
-    plan = Plan(source, spec, old, new, depth_map, {}, [], promise)
+    plan = Plan(source, spec, old, new, depth_map, {}, [], promise, identity)
     plan.config = _target_config(plan)
     problem = source.arch.config_problem(plan.config)
     if problem:
@@ -269,6 +297,20 @@ def _norm_promises(layout, old: Dims, new: Dims, promise: Promise) -> None:
         promise.notes.append("q/k norms share the residual eps: their inputs take sqrt(s), so they see the eps they had")
 
 
+def _layer_map(spec: GrowthSpec, old_layers: int) -> LayerMap | None:
+    """The explicit layer map of --layers or --insert, if either was given."""
+    if spec.layers is not None and spec.insert is not None:
+        raise UsageError("--layers and --insert both place layers", hint="use one: --layers can mark identity blocks with +")
+    if spec.layers is None and spec.insert is None:
+        return None
+    if spec.depth_mode != "identity":
+        flag = "--layers" if spec.layers is not None else "--insert"
+        raise UsageError(f"{flag} gives the layer order, and so does --depth-mode {spec.depth_mode}", hint="drop --depth-mode")
+    if spec.layers is not None:
+        return parse_layers(spec.layers, old_layers)
+    return insert_identity(spec.insert, old_layers)
+
+
 def _depth_map(old: int, new: int, mode: str) -> list[tuple[int, bool]]:
     if mode == "stack":  # whole-model order: 0..L-1, 0..L-1, ... (G_stack, StackBERT)
         return [(i % old, i >= old) for i in range(new)]
@@ -291,9 +333,11 @@ def _target_config(plan: Plan) -> dict:
         ("kv_heads", plan.new.kv_heads),
         ("head_dim", plan.new.head_dim),
         ("ffn", plan.new.ffn),
+        ("expert_ffn", plan.new.expert_ffn),
+        ("shared_ffn", plan.new.shared_ffn),
     ):
         if role in keys:
-            config_set(cfg, keys[role], value)
+            config_set(cfg, layout.config_key(cfg, role), value)
         # Keys that merely repeat a role's size (ViT's pooler_output_size) change with it;
         # absent ones are left absent, since the runtime then derives them from the role.
         for key in layout.config_also.get(role, ()):
@@ -328,12 +372,12 @@ def _targets(plan: Plan) -> list[TargetTensor]:
     out = []
     for spec in src.specs():
         if spec.per_layer:
-            places = [(i, s, ins) for i, (s, ins) in enumerate(plan.depth_map)]
+            places = [(i, s, ins, z) for i, ((s, ins), z) in enumerate(zip(plan.depth_map, plan.identity))]
         else:
-            places = [(None, None, False)]
-        for layer, source_layer, inserted in places:
+            places = [(None, None, False, False)]
+        for layer, source_layer, inserted, identity in places:
             stored = src.info(spec, source_layer).shape
             shape = src.expected_shape(spec, plan.new, tuple(stored))
             name = src.stored_name(spec, layer)
-            out.append(TargetTensor(spec, layer, source_layer, inserted, name, shape, tuple(stored)))
+            out.append(TargetTensor(spec, layer, source_layer, inserted, name, shape, tuple(stored), identity))
     return out

@@ -15,7 +15,7 @@ from . import plugins
 from .architecture import Architecture
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import CheckpointError
-from .layout import Dims, Layout, TensorSpec
+from .layout import EXPERT, Dims, Layout, TensorSpec
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,9 @@ class SourceModel:
         self.tied_names = set(arch.tied_parameters(self.config))  # stored once, as what they share
         self.present: set[str] = set()  # spec names present in this checkpoint
         self._bound: dict[tuple[str, int | None], BoundTensor] = {}
+        # One spec per expert: to growth, expert 3's down_proj is a tensor like any other.
+        self.tensor_specs = [one for spec in self.layout.tensors for one in
+                             ([spec.for_expert(e) for e in range(self.dims.experts or 0)] if EXPERT in spec.name else [spec])]
         self._bind(names)
 
     @property
@@ -72,7 +75,7 @@ class SourceModel:
     def specs(self) -> list[TensorSpec]:
         """Specs to carry into a grown model (a tied head is stored once, as the embedding)."""
         head = self.layout.tie["head"] if self.layout.tie and self.tied else None
-        return [s for s in self.layout.tensors if s.name in self.present and s.name != head]
+        return [s for s in self.tensor_specs if s.name in self.present and s.name != head]
 
     def get(self, spec: TensorSpec, layer: int | None) -> torch.Tensor:
         return self.checkpoint.get(self._bound[(spec.name, layer)].name)
@@ -100,7 +103,7 @@ class SourceModel:
         available = set(names)
         used: set[str] = set()
         file = self.checkpoint.path
-        for spec in self.layout.tensors:
+        for spec in self.tensor_specs:
             layers = range(self.dims.layers) if spec.per_layer else [None]
             found = [self._find(spec, layer, available) for layer in layers]
             hits = [f for f in found if f is not None]

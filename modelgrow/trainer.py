@@ -18,6 +18,9 @@ flat gradient all-reduce, rank 0 alone writes):
   adapters' Adam moments are pruned (one joint magnitude mask; ratio >= 1 resets
   them). Steps k·c+1 ... k·c+restart_warmup re-warm the fresh adapters. This is the
   reference code's timing (merge after the update where step % c == 1, 1-based).
+  With ``full_rank_steps`` N > 0 the first N steps train every parameter (adapters
+  idle), step N is the adapters' first, taken at LR 0, and merges follow at N + k·c.
+  A merge that would leave fewer than c // 2 steps is skipped (engine.schedule).
 - Dropout: the model trains with its config's dropouts, the adapters with
   ``adapter_dropout`` on their branch only. Dropout masks come from a seed derived
   from (seed, rank, step), so a resumed run draws exactly the masks it would have.
@@ -52,20 +55,23 @@ from .engine.device import peak_memory, precision, prepare_device, resolve_devic
 from .engine.distributed import Dist, is_writer
 from .engine.loop import Loop
 from .engine.objective import LMObjective, lm_task, load_data, mask_token_id, mean_loss, tokenizer_file, window_length
-from .errors import InputError, OutputError, UsageError
+from .errors import InputError, OutputError
+from .growth_map import chosen_tensors
 from .plots import plot_curves, require_matplotlib
-from .relora import add_adapters, adapter_targets, remove_adapters, restart
+from .relora import add_adapters, check_rank, relora_report, remove_adapters, restart, set_full_rank, switch_to_adapters
 from .report import write_report
 from .train_options import RESUME_FREE, TrainOptions, checkpoints_dir, restart_generator
 from .source import SourceModel, load_module, open_source
 
 def train(checkpoint: str | Path, dest: str | Path, options: TrainOptions | dict[str, Any], *, overwrite: bool = False,
           resume: str | Path | None = None, progress: bool = True, report_path: str | Path | None = None,
-          config_path: str | Path | None = None, max_shard_size: str | int = "2GB") -> dict[str, Any]:
+          config_path: str | Path | None = None, max_shard_size: str | int = "2GB", dtype: str = "source",
+          keep_card: bool = False, hub: dict | None = None) -> dict[str, Any]:
     """Train the checkpoint at ``checkpoint`` and write the result to ``dest``; return the report.
 
     Every check (options, data, destination, resume state) runs before the first step.
-    Under torchrun every rank trains; rank 0 alone writes.
+    Under torchrun every rank trains; rank 0 alone writes. ``dtype``: what the weights are
+    stored as; ``hub``: the Hub id the source came from (for the report and the card).
     """
     started = time.perf_counter()
     opts = TrainOptions.parse(options)
@@ -79,7 +85,7 @@ def train(checkpoint: str | Path, dest: str | Path, options: TrainOptions | dict
     with open_source(checkpoint, config_path) as source:
         check_destination(source, dest)
         trainer = Trainer(source, opts, dest, resume_from=resume_from, state=state, overwrite=overwrite,
-                          report_path=report_path, max_shard_bytes=max_shard_bytes)
+                          report_path=report_path, max_shard_bytes=max_shard_bytes, dtype=dtype)
         if not is_writer():
             return trainer.run(None, progress=False, started=started)  # a data-parallel helper rank
         signals.expect(dest, report_path)
@@ -87,6 +93,8 @@ def train(checkpoint: str | Path, dest: str | Path, options: TrainOptions | dict
             train_state.remove_earlier_steps(checkpoints_dir(dest), trainer.inputs())
         with CheckpointWriter(dest, max_shard_bytes=max_shard_bytes, metadata=trainer.metadata(), overwrite=overwrite) as writer:
             report = trainer.run(writer, progress=progress, started=started)
+            train_state.describe_output(writer, report, source, opts, digest=trainer.metadata()["modelgrow.source_sha256"],
+                                        dtype=dtype, max_shard_size=max_shard_size, keep_card=keep_card, hub=hub)
             with signals.committing(dest):
                 files = writer.commit()
         report["output"] = {"path": str(dest), "params": source.param_count(),
@@ -105,8 +113,9 @@ class Trainer:
     """A prepared run: options checked, data loaded and split, resume state read."""
 
     def __init__(self, source: SourceModel, options: TrainOptions, dest: Path, *, resume_from: Path | None = None,
-                 state: dict | None = None, overwrite=False, report_path=None, max_shard_bytes: int = 2_000_000_000):
-        self.source, self.options, self.dest = source, options, dest
+                 state: dict | None = None, overwrite=False, report_path=None, max_shard_bytes: int = 2_000_000_000,
+                 dtype: str = "source"):
+        self.source, self.options, self.dest, self.dtype = source, options, dest, dtype
         self.max_shard_bytes = max_shard_bytes
         o = options
         self.arch, self.config = source.arch, source.config
@@ -114,12 +123,13 @@ class Trainer:
         self.task = lm_task(self.arch, self.config, "training", "train the ...ForCausalLM / ...ForMaskedLM checkpoint")
         self.seq_len = window_length(o.seq_len, source.dims.positions, o.batch_size, self.dist.world, "")
         if o.relora:
-            self._check_rank()
+            check_rank(source, o.rank)
         for path, what in ((o.plot, "--plot"), (report_path, "--report")):
             if path is not None and not Path(path).parent.is_dir():
                 raise OutputError(f"{what}: folder {Path(path).parent} does not exist", path=path)
         if o.plot:
             require_matplotlib()
+        self.chosen = chosen_tensors(source, o.train)
         self._load_data()
         self._fingerprints: dict | None = None
         self._identity: list[dict] | None = None
@@ -133,20 +143,6 @@ class Trainer:
                               path=checkpoints_dir(dest))
 
     # -- checks before any step -------------------------------------------------------
-
-    def _check_rank(self) -> None:
-        """Adapters must be low-rank: r below both sides of every adapted matrix."""
-        targets = adapter_targets(self.source.layout)
-        if not targets:
-            raise UsageError(f"--relora: the {self.source.layout.name} layout names no per-layer matrices to adapt")
-        sides = [min(self.source.checkpoint.info(b.name).shape) for b in self.source.bound()
-                 if b.spec.per_layer and b.spec.kind == "param" and b.spec.in_axis is not None and len(b.spec.axes) == 2]
-        if sides and self.options.rank >= min(sides):
-            raise UsageError(
-                f"--rank {self.options.rank} is not below the smallest adapted matrix side ({min(sides)}): "
-                "the adapters would hold at least as many parameters as the matrices",
-                hint=f"use --rank < {min(sides)}, or train full-rank without --relora",
-            )
 
     def _load_data(self) -> None:
         o, vocab = self.options, self.source.dims.vocab
@@ -201,7 +197,7 @@ class Trainer:
         # Without the options that only say where extras go: a resumed run writes the
         # same bytes as an uninterrupted one.
         options = {k: v for k, v in self.options.as_dict().items() if k not in ("save_every", "plot")}
-        return {"modelgrow.version": __version__, "modelgrow.source": str(self.source.path),
+        return {"modelgrow.version": __version__, "modelgrow.source_sha256": step_state.source_digest(self.source_identity()),
                 "modelgrow.train": json.dumps(options, sort_keys=True)}
 
     def settings(self) -> dict:
@@ -233,10 +229,16 @@ class Trainer:
         module = self.arch.prepare_for_training(load_module(self.source).to(device), self.config)
         weights = train_state.WeightMap(self.source, module)
         total_params = sum(p.numel() for _, p in weights.named)
+        if self.chosen is not None:  # --train new|PATTERN: the rest keep their bytes
+            keep = {id(weights.param_of[n]) for n in self.chosen}
+            for _, p in weights.named:
+                p.requires_grad_(id(p) in keep)
+        named = [(k, p) for k, p in weights.named if p.requires_grad]  # a warm start trains them all first
         adapters = add_adapters(module, self.source.layout, o.rank, o.alpha, o.adapter_dropout,
                                 restart_generator(o.seed, 0)) if o.relora else []
+        bases = {id(a.base.weight) for a in adapters}  # frozen while the adapters train
         key_of = {id(p): k for k, p in weights.named}
-        named = [(k, p) for k, p in weights.named if p.requires_grad]
+        named = [(k, p) for k, p in named if o.full_rank_steps or id(p) not in bases]
         for a in adapters:
             base = key_of[id(a.base.weight)]
             named += [(f"{base}:lora_A", a.lora_A), (f"{base}:lora_B", a.lora_B)]
@@ -258,19 +260,24 @@ class Trainer:
             module.train()
             return loss
 
+        def before_step(step: int) -> None:
+            torch.manual_seed(seeding.torch_seed("dropout", o.seed, dist.rank, step))
+            if adapters and o.full_rank_steps and step == o.full_rank_steps:
+                switch_to_adapters(adapters, loop.optimizer)
+
         def after_step(step: int) -> None:
-            if o.restart_after(step):
+            if loop.schedule.merges_after(step):
                 restarts.append(self._restart(adapters, loop.optimizer, step, len(restarts) + 1, device))
 
         loop = Loop(options=o, groups=[g for g in groups if g["params"]], objective=self.objective,
                     sampler=corpus.WindowSampler(self.train_data, self.seq_len, o.seed),
                     mask_gen=torch.Generator().manual_seed(o.seed + 3_000_017), dist=dist, device=device,
                     loss_sum=loss_sum, schedule=o.schedule(), evaluate=evaluate, eval_every=o.eval_interval,
-                    before_step=lambda step: torch.manual_seed(seeding.torch_seed("dropout", o.seed, dist.rank, step)),
-                    after_step=after_step, save_every=o.save_every,
+                    before_step=before_step, after_step=after_step, save_every=o.save_every,
                     save=lambda done: self._save(done, loop, weights, adapters, named, restarts))
         start = self._restore(loop, weights, adapters, named, restarts) if self.state is not None else 0
-        trainable_params = sum(p.numel() for p in trainable)
+        set_full_rank(adapters, start < o.full_rank_steps)  # no-op without a warm start
+        trainable_params = sum(p.numel() for p in trainable if id(p) not in bases)  # with adapters: once they train
         if show:
             tqdm.write(f"train ({'ReLoRA' if o.relora else 'full-rank'}): steps={o.steps}, lr={o.lr:g}, "
                        f"warmup={o.warmup_steps}, batch={o.batch_size}x{self.seq_len}, device={device} x{dist.world}, "
@@ -281,7 +288,7 @@ class Trainer:
         if adapters:
             remove_adapters(module)  # merged in place: a dense model again
         if writer is not None:
-            train_state.write_dense(writer, self.source, weights, [])
+            train_state.write_dense(writer, self.source, weights, [], self.dtype)
         loop_s = sum(h.step_times)
         steps_run = len(h.step_times)
         val = [v for _, v in h.val_curve]
@@ -305,7 +312,7 @@ class Trainer:
             "trainable_params": trainable_params,
             "optimizer_state_bytes": opt_bytes,
             "restarts": len(restarts),
-            "relora": self._relora_report(adapters, restarts) if o.relora else None,
+            "relora": relora_report(o, adapters, restarts) if o.relora else None,
             "saved": self.saved,
             "resumed_from": {"path": str(self.resume_from), "step": start} if self.state else None,
             "step_times": h.step_times,
@@ -336,17 +343,6 @@ class Trainer:
             raise RuntimeError(f"ReLoRA restart {k}: ranks drew different A matrices ({hashes})")
         return {"restart": k, "after_step": step, "a_sha256": hashes}
 
-    def _relora_report(self, adapters, restarts) -> dict:
-        o = self.options
-        return {
-            "rank": o.rank, "alpha": o.alpha, "scale": o.alpha / o.rank, "adapter_dropout": o.adapter_dropout,
-            "every": o.relora_every, "restart_warmup": o.restart_warmup, "optimizer_prune": o.optimizer_prune,
-            "adapters": len(adapters), "adapter_params": sum(a.lora_A.numel() + a.lora_B.numel() for a in adapters),
-            "merge_timing": "after the step taken at LR 0 (0-based steps k*every, k >= 1): merge in fp32, "
-                            "redraw A from (seed, k), zero B, prune the adapters' Adam moments",
-            "restarts": restarts,
-        }
-
     # -- step checkpoints and resume -----------------------------------------------------
 
     def _save(self, done: int, loop: Loop, weights, adapters, named, restarts) -> None:
@@ -368,7 +364,7 @@ class Trainer:
         }
         checkpoints_dir(self.dest).mkdir(exist_ok=True)
         train_state.save_step(folder, self.source, weights, adapters, tensors, state,
-                              max_shard_bytes=self.max_shard_bytes, metadata=self.metadata())
+                              max_shard_bytes=self.max_shard_bytes, metadata=self.metadata(), dtype=self.dtype)
 
     def _restore(self, loop: Loop, weights, adapters, named, restarts) -> int:
         saved = step_state.StateTensors(self.resume_from)

@@ -101,7 +101,7 @@ def test_every_layout_validates(path):
 def test_builtin_layout_names_are_unique_and_all_registered():
     names = [json.loads(p.read_text())["name"] for p in builtin_layout_paths()]
     assert len(names) == len(set(names))
-    assert {"vit", "deit", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox", "olmo2"} <= set(names)
+    assert {"vit", "deit", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox", "olmo2", "mixtral", "qwen2_moe", "qwen3_moe"} <= set(names)
     assert set(names) <= set(plugins.get_architectures())
 
 

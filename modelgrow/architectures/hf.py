@@ -8,19 +8,23 @@ training, and transformers 5's in-memory renaming of some modules.
 from __future__ import annotations
 
 import inspect
+import re
 from functools import cached_property
 
 import torch
 
 from ..architecture import Architecture
+from ..errors import UsageError
 from ..layout import template_regex
 
 
 def _hf_module_names(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Checkpoint names -> the module's parameter names, by transformers' conversion mapping.
 
-    Only one-to-one renamings are applied; names the module already uses pass through.
-    transformers versions without conversion mappings need none.
+    One-to-one renamings are applied, and so are the many-to-one merges transformers 5
+    uses for mixture-of-experts blocks (per-expert tensors stacked into one fused
+    parameter, gate and up projections concatenated); names the module already uses pass
+    through. transformers versions without conversion mappings need none.
     """
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -33,15 +37,38 @@ def _hf_module_names(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) 
     transforms = get_model_conversion_mapping(module)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    out = {}
+    out: dict[str, torch.Tensor] = {}
+    merges: dict[str, tuple[object, dict[str, dict[int, torch.Tensor]]]] = {}
     for name, tensor in tensors.items():
         new = name
         if name not in expected:
-            renamed, converter = rename_source_key(name, renamings, converters, module.base_model_prefix, expected)
-            if converter is None:  # a many-to-one conversion is left for load_weights to refuse
+            renamed, pattern = rename_source_key(name, renamings, converters, module.base_model_prefix, expected)
+            converter = next((c for c in converters if pattern in c.source_patterns), None) if pattern else None
+            if pattern is None:
                 new = renamed
+            elif _stacks_experts(converter):
+                parts = merges.setdefault(renamed, (converter, {}))[1]
+                parts.setdefault(pattern, {})[_expert_index(name, pattern)] = tensor
+                continue
+            # any other many-to-one conversion is left for load_weights to refuse
         out[new] = tensor
+    for target, (converter, parts) in merges.items():
+        merge, *concat = converter.operations
+        stacked = [torch.stack([experts[e] for e in sorted(experts)], dim=merge.dim)
+                   for experts in (parts.get(p, {}) for p in converter.source_patterns) if experts]
+        out[target] = torch.cat(stacked, dim=concat[0].dim) if concat else stacked[0]
     return out
+
+
+def _stacks_experts(converter) -> bool:
+    """A conversion that stacks a module list (then maybe concatenates): MoE experts."""
+    kinds = [type(op).__name__ for op in getattr(converter, "operations", None) or []]
+    return kinds in (["MergeModulelist"], ["MergeModulelist", "Concatenate"]) and len(converter.target_patterns) == 1
+
+
+def _expert_index(name: str, pattern: str) -> int:
+    match = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), name)
+    return int(match.group(1))
 
 
 class HFArchitecture(Architecture):
@@ -86,6 +113,8 @@ class HFArchitecture(Architecture):
 
         hf_config = self.hf_config(config)
         hf_config._attn_implementation = "eager"  # the plainest path: the reference maths
+        if hasattr(hf_config, "_experts_implementation"):
+            hf_config._experts_implementation = "eager"  # a loop over experts: exportable, no grouped kernels
         cls = getattr(transformers, self.class_name(config))
         with torch.device("cpu"):
             module = cls(hf_config)
@@ -101,6 +130,17 @@ class HFArchitecture(Architecture):
     @cached_property
     def _optional_patterns(self) -> list:
         return [template_regex(t.name) for t in self.layout.tensors if t.optional]
+
+    def parameter_names(self, module, names):
+        # The fit and train address parameters one stored tensor at a time; experts that
+        # transformers fuses into one parameter have no such place (yet).
+        probes = {n: torch.zeros(1, 1) for n in names}  # stand-ins: only the names are mapped
+        renamed = _hf_module_names(module, probes)
+        if len(renamed) != len(names):
+            raise UsageError(f"fitting or training a {type(module).__name__} is not supported yet: transformers fuses its "
+                             "experts into one parameter", hint="grow with the copy operator; train it elsewhere for now")
+        back = dict(zip(renamed, names))
+        return {back[k]: v for k, v in super().parameter_names(module, list(renamed)).items()}
 
     def load_weights(self, module, tensors, source):
         # transformers 5 renames some modules in memory but still saves (and hub files
