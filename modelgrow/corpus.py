@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InputError
+from .errors import InputError, UsageError
 
 TOKENIZER_FILE = "tokenizer.json"
 # ids above 2**16 cannot be stored in uint16: raw .bin files of larger vocabularies are
@@ -24,6 +24,9 @@ TOKENIZER_FILE = "tokenizer.json"
 UINT16_VOCAB = 1 << 16
 # Validate huge memory-mapped id files in slices, never all in memory at once.
 _SCAN = 1 << 24
+# Held-out batches allowed whatever the data holds (windows may then overlap): the
+# defaults (8 for train, 4 for a fit) always pass, even on a few hundred tokens.
+EVAL_BATCHES_ANYWAY = 64
 
 
 @dataclass
@@ -49,6 +52,19 @@ class TokenData:
                 f"{names}: {len(self):,} tokens in all, but {what} needs {need:,} (seq_len + 1)",
                 hint="give more data or a smaller --fit-seq-len",
             )
+
+
+    def check_eval(self, batches: int, batch_size: int, seq_len: int, flag: str, what: str) -> None:
+        """Refuse more held-out batches than this data supplies: its windows of
+        ``seq_len + 1`` tokens that do not overlap, or EVAL_BATCHES_ANYWAY batches if more
+        (the scored windows are all built before the first step)."""
+        span = seq_len + 1
+        supply = len(self) // span
+        allowed = max(supply // batch_size, EVAL_BATCHES_ANYWAY)
+        if batches > allowed:
+            raise UsageError(f"{flag} {batches:,} asks for {batches * batch_size:,} windows of {span:,} tokens, but "
+                             f"{what} holds {len(self):,} tokens, room for {supply:,} without overlap: at most "
+                             f"{allowed:,} batches", hint=f"give a smaller {flag}")
 
 
 def load_tokens(

@@ -34,7 +34,7 @@ from .engine.distributed import Dist, is_writer, world_size
 from .engine.loop import LoopOptions, Loop
 from .engine.objective import LM_TASKS, LMObjective, lm_task, load_data, mask_token_id, mean_loss, tokenizer_file, \
     window_length
-from .errors import UsageError
+from .errors import InputError, UsageError
 from .operators.learned import LearnedOperator
 from .options import defaults, option
 
@@ -63,14 +63,15 @@ class FitOptions(LoopOptions):
     save_operator: Path | None = option(None, "Write the fitted operator tensors (safetensors) here.", cli=False)
 
 
-def prepare_fit(op, options: dict[str, Any] | FitOptions | None) -> Fit:
-    """Check the options and load the data now, before any output exists."""
+def prepare_fit(op, options: dict[str, Any] | FitOptions | None, *, read: bool = True) -> Fit:
+    """Check the options and load the data now, before any output exists; ``read=False``
+    (a dry run) checks that the data files exist without reading them."""
     if not isinstance(op, LearnedOperator):
         raise UsageError(
             f"operator {op.name!r} says it is learned but has no trainable tensors to fit",
             hint="a learned operator subclasses modelgrow.operators.learned.LearnedOperator",
         )
-    return Fit(op, FitOptions.parse(options))
+    return Fit(op, FitOptions.parse(options), read=read)
 
 
 # -- the target module without weights --------------------------------------------------
@@ -112,7 +113,7 @@ def build_target_module(arch, config: dict, device: torch.device) -> nn.Module:
 class Fit:
     """A prepared fit: options checked and data loaded (errors come before any step)."""
 
-    def __init__(self, op: LearnedOperator, options: FitOptions):
+    def __init__(self, op: LearnedOperator, options: FitOptions, *, read: bool = True):
         self.op, self.options = op, options
         plan = op.plan
         self.plan, self.source, self.arch = plan, plan.source, plan.source.arch
@@ -129,9 +130,15 @@ class Fit:
         lm_task(self.arch, plan.config, "fitting", "grow the ...ForCausalLM / ...ForMaskedLM checkpoint, or use --operator copy")
         self.seq_len = window_length(options.seq_len, plan.new.positions, options.batch_size, self.dist.world, "fit-")
         self.tokenizer = tokenizer_file(options.tokenizer, self.source)
-        self.data = load_data(options.data, vocab=plan.new.vocab, config=plan.config, tokenizer=self.tokenizer,
-                              bin_dtype=options.bin_dtype)
-        self.data.require(self.seq_len)
+        if not read:
+            for path in options.data:
+                if not Path(path).is_file():
+                    raise InputError("data file does not exist" if not Path(path).exists() else "is not a file", path=path)
+        else:
+            self.data = load_data(options.data, vocab=plan.new.vocab, config=plan.config, tokenizer=self.tokenizer,
+                                  bin_dtype=options.bin_dtype)
+            self.data.require(self.seq_len)
+            self.data.check_eval(options.eval_batches, options.batch_size, self.seq_len, "the fit's eval_batches", "the fit data")
         mask_id = mask_token_id(options.mask_token_id, self.tokenizer, "fit") if self.task == "masked_lm" else None
         self.objective = LMObjective(self.task, plan.new.vocab, mask_id, options.mask_rate,
                                      count_all=options.objective == "distill")

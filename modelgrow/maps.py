@@ -73,6 +73,32 @@ def identity(size: int) -> AxisMap:
     return AxisMap(torch.arange(size), torch.ones(size), size)
 
 
+def map_bytes(new: Dims) -> int:
+    """The most RoleMaps holds for a growth into ``new``: an int64 index and a float32
+    count per target unit of every role, the head roles four times over (``attn*3``
+    variants). For the pre-flight estimate (modelgrow.preflight)."""
+    units = new.residual + 4 * (new.heads + new.kv_heads) * new.head_dim + new.ffn
+    return 12 * (units + (new.expert_ffn or 0) + (new.shared_ffn or 0))
+
+
+class _Lazy(dict):
+    """A dict whose entries are made on first use (``maps.maps["ffn"]`` included): an
+    operator that is built but never grows a tensor (``--dry-run``) allocates no map."""
+
+    def __init__(self, makers: dict):
+        super().__init__()
+        self.makers = makers
+
+    def __missing__(self, key):
+        if key not in self.makers:
+            raise KeyError(key)
+        self[key] = value = self.makers[key]()
+        return value
+
+    def __contains__(self, key) -> bool:
+        return key in self.makers or dict.__contains__(self, key)
+
+
 class RoleMaps:
     """The maps for one growth: residual, attn (query heads), kv (key/value heads), ffn."""
 
@@ -82,15 +108,16 @@ class RoleMaps:
         pad_ok = norm_placement == "pre"
         residual = padded if pad_ok else circular
         self.pad_value = "mean" if norm_type == "layernorm" else "zero"
-        self.maps = {
-            "residual": residual(old.residual, new.residual),
-            "attn": heads(old.heads, new.heads, old.head_dim),
-            "kv": heads(old.kv_heads, new.kv_heads, old.head_dim),
-            "ffn": circular(old.ffn, new.ffn),
+        makers = {
+            "residual": lambda: residual(old.residual, new.residual),
+            "attn": lambda: heads(old.heads, new.heads, old.head_dim),
+            "kv": lambda: heads(old.kv_heads, new.kv_heads, old.head_dim),
+            "ffn": lambda: circular(old.ffn, new.ffn),
         }
         for role in ("expert_ffn", "shared_ffn"):  # mixture-of-experts FFNs with their own sizes
             if getattr(old, role) is not None:
-                self.maps[role] = circular(getattr(old, role), getattr(new, role))
+                makers[role] = lambda role=role: circular(getattr(old, role), getattr(new, role))
+        self.maps = _Lazy(makers)
         self._heads = {"attn": (old.heads, new.heads), "kv": (old.kv_heads, new.kv_heads)}
         self._head_dim = old.head_dim
 

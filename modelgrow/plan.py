@@ -1,7 +1,8 @@
 """The growth plan: from source dims and a user's spec to target dims, the target
 config, every target tensor's shape, parameter counts and an honest exactness promise.
 
-No tensors are touched here, so `--dry-run` is instant on any model size.
+No tensors are touched here, and nothing is listed per layer before the target dims
+have passed the pre-flight (modelgrow.preflight), so `--dry-run` is instant on any size.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydantic import ConfigDict
@@ -17,6 +19,7 @@ from .errors import UsageError
 from .options import Options, option
 from .layer_map import LayerMap, insert_identity, parse_layers
 from .layout import Dims, TensorSpec, config_get, config_has, config_set
+from .preflight import check_size
 from .source import SourceModel
 
 DEPTH_MODES = ("identity", "interleave", "stack")
@@ -158,7 +161,8 @@ def parse_amount(text: str | None, current: int, what: str, option: str) -> int:
     return int(round(result))
 
 
-def make_plan(source: SourceModel, spec: GrowthSpec) -> Plan:
+def make_plan(source: SourceModel, spec: GrowthSpec, preflight: Callable[[Dims], object] | None = None) -> Plan:
+    """The plan; ``preflight`` (modelgrow.preflight.Preflight) sees the target dims first."""
     layout, old = source.layout, source.dims
     if spec.depth_mode not in DEPTH_MODES:
         raise UsageError(f"unknown depth mode {spec.depth_mode!r}", hint=f"choose one of {', '.join(DEPTH_MODES)}")
@@ -233,6 +237,9 @@ def make_plan(source: SourceModel, spec: GrowthSpec) -> Plan:
 
     new = Dims(residual, layers, heads, kv_heads, old.head_dim, ffn, old.vocab, old.positions,
                old.experts, scaled(old.expert_ffn), scaled(old.shared_ffn))
+    check_size(source, new, spec)  # absurd sizes, then the run's needs: before anything is listed per layer
+    if preflight is not None:
+        preflight(new)
 
     if residual % old.residual:
         if layout.norm_placement == "pre":

@@ -94,17 +94,9 @@ class CheckpointWriter:
         if self._state != "new":
             raise RuntimeError("a CheckpointWriter can be entered only once")
         dest = self.dest
-        if not dest.name or dest.name in (".", ".."):
-            raise OutputError("is not a usable destination folder name", path=dest)
-        if not dest.parent.is_dir():
-            raise OutputError(f"parent folder {dest.parent} does not exist", path=dest)
-        with output_errors(dest.parent, dest):
-            # Before the exists check: a checkpoint that a killed overwrite had set aside
-            # is put back first, and then counts as existing.
-            remove_stale_temps(dest)
-        if os.path.lexists(dest) and not self.overwrite:
-            raise OutputError("exists; pass --overwrite to replace it", path=dest)
-        check_replaceable(dest)  # before any work: --overwrite replaces only what modelgrow wrote
+        # Stale temporaries first: a checkpoint that a killed overwrite had set aside is
+        # put back first, and then counts as existing.
+        check_target(dest, self.overwrite, clean=True)
         self._tmp = make_staging_folder(dest)
         self._state = "open"
         return self
@@ -320,6 +312,30 @@ class CheckpointWriter:
         self._shard, self._shard_storages = {}, set()
         if self._tmp is not None:
             remove_path(self._tmp)
+
+
+def check_target(dest: Path, overwrite: bool, *, clean: bool = False) -> None:
+    """What entering a writer for ``dest`` would refuse: the name, the parent folder, an
+    existing folder without ``overwrite``, one modelgrow did not write. ``clean``: first
+    tidy what killed runs left beside ``dest``, as entering does (a dry run touches nothing)."""
+    _check_folder_name(dest)
+    if clean:
+        with output_errors(dest.parent, dest):
+            remove_stale_temps(dest)
+    _check_existing(dest, overwrite)
+
+
+def _check_folder_name(dest: Path) -> None:
+    if not dest.name or dest.name in (".", ".."):
+        raise OutputError("is not a usable destination folder name", path=dest)
+    if not dest.parent.is_dir():
+        raise OutputError(f"parent folder {dest.parent} does not exist", path=dest)
+
+
+def _check_existing(dest: Path, overwrite: bool) -> None:
+    if os.path.lexists(dest) and not overwrite:
+        raise OutputError("exists; pass --overwrite to replace it", path=dest)
+    check_replaceable(dest)  # before any work: --overwrite replaces only what modelgrow wrote
 
 
 def _created_meanwhile(dest: Path) -> OutputError:

@@ -11,7 +11,8 @@ import torch
 from .. import seeding
 from ..errors import UsageError
 from ..options import Options, option
-from ..maps import RoleMaps
+from ..layout import Dims
+from ..maps import RoleMaps, map_bytes
 from ..plan import Plan, Promise, TargetTensor
 
 
@@ -57,6 +58,13 @@ class Operator:
         self.settings = self.Options.parse(options)
         self.options = options
         self.seed = self.settings.seed
+
+    @classmethod
+    def state_bytes(cls, source, new: Dims, options: dict[str, Any]) -> int:
+        """The memory this operator holds for a whole conversion into ``new``, beside the
+        tensor it is growing, worked out before it is built (modelgrow.preflight; ``source``
+        is the SourceModel, ``options`` as given, unchecked): here the unit maps."""
+        return map_bytes(new)
 
     def promise(self) -> Promise:
         """What this operator guarantees for this plan (starts from the plan's promise)."""

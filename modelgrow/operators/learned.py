@@ -53,6 +53,23 @@ class LearnedOperator(Operator):
         self.params: dict[str, torch.Tensor] = {}
         self._src: dict[str, torch.Tensor] | None = None
 
+    @classmethod
+    def state_bytes(cls, source, new, options) -> int:
+        """The maps, the small model in fp32 and the operator's tensors four times over
+        (values, gradients and AdamW's two moments, fp32)."""
+        held = super().state_bytes(source, new, options) + 4 * source.param_count()
+        return held + 16 * cls.state_params(source, new, options)
+
+    @classmethod
+    def state_params(cls, source, new, options) -> int:
+        """How many numbers the operator trains, from the dims (an upper bound). Here
+        LiGO's: the residual pair, an in and an out expansion of every other growable role
+        per target layer, and a depth vector per per-layer tensor and target layer."""
+        old = source.dims
+        pairs = [(getattr(old, r), getattr(new, r)) for r in ("heads", "kv_heads", "ffn", "expert_ffn", "shared_ffn")]
+        per_layer = 2 * sum(a * b for a, b in pairs if a) + old.layers * sum(1 for s in source.specs() if s.per_layer)
+        return 2 * old.residual * new.residual + new.layers * per_layer
+
     def parameters(self) -> dict[str, torch.Tensor]:
         return self.params
 

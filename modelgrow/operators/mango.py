@@ -19,6 +19,7 @@ the options and the measurements. The pieces live in:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Annotated, Literal
 
 import torch
@@ -83,12 +84,31 @@ class MangoOperator(LearnedOperator):
         sizes = self.mode_sizes()
         self.order = cheapest_order(sizes["source"], sizes["target"], self.rank)
 
+    # -- the pre-flight estimate (modelgrow.preflight) ------------------------------------
+
+    @classmethod
+    def state_params(cls, source, new, options) -> int:
+        """The four ring cores, the residual pair and the depth vectors of the per-layer
+        tensors outside the ring, from the dims (upper bounds)."""
+        rank, (u1, u2), (b1, b2), ringed = _ring_sizes(source, new, options)
+        cores = rank * rank * (b1 * b2 + (u1 + 1) * (u2 + 1) + u1 * u2 + source.dims.layers * new.layers)
+        outside = sum(1 for s in source.specs() if s.per_layer) - ringed
+        return cores + 2 * source.dims.residual * new.residual + new.layers * source.dims.layers * outside
+
+    @classmethod
+    def state_bytes(cls, source, new, options) -> int:
+        """Also M1 (the small model's ring matrices stacked, fp32) and one contraction chunk."""
+        _, (u1, _), (b1, _), _ = _ring_sizes(source, new, options)
+        chunk = options.get("chunk_mb", DEFAULT_CHUNK_MB)
+        chunk = chunk if isinstance(chunk, (int, float)) and 0 < chunk < 1e9 else DEFAULT_CHUNK_MB
+        m1 = 4 * b1 * (u1 + 1) * u1 * source.dims.layers
+        return super().state_bytes(source, new, options) + m1 + int(chunk * 2**20)
+
     # -- which tensors go into the ring ------------------------------------------------
 
     def _classify(self) -> None:
         specs = self.source.specs()
-        self.ring_specs = [s for s in specs if s.per_layer and s.kind == "param" and len(s.axes) == 2
-                           and s.in_axis is not None and all(r in GROWABLE_ROLES for a in s.axes for r in a)]
+        self.ring_specs = [s for s in specs if _ringed(s)]
         ringed = {s.name: s for s in self.ring_specs}
         self.bias_of: dict[str, TensorSpec] = {}  # matrix name -> its bias spec
         self.matrix_of: dict[str, TensorSpec] = {}  # bias name -> its matrix spec
@@ -312,6 +332,30 @@ class MangoOperator(LearnedOperator):
             "depth_vectors": sum(1 for k in self.params if k.startswith("depth.")),
             "inexact_roles": self.inexact_roles,
         }
+
+
+def _ringed(spec: TensorSpec) -> bool:
+    """A per-layer matrix whose two axes both grow: it goes into the ring."""
+    return (spec.per_layer and spec.kind == "param" and len(spec.axes) == 2 and spec.in_axis is not None
+            and all(r in GROWABLE_ROLES for a in spec.axes for r in a))
+
+
+def _ring_sizes(source, new, options) -> tuple[int, tuple[int, int], tuple[int, int], int]:
+    """Rank, units per slot (source, target), slots (source, target) and how many tensors
+    the ring holds, from the dims and the options as given (a bad one counts as the default)."""
+    rank = options.get("rank", DEFAULT_RANK)
+    rank = rank if isinstance(rank, int) and 1 <= rank <= MAX_RANK else DEFAULT_RANK
+    old, ring = source.dims, [s for s in source.specs() if _ringed(s)]
+    if options.get("slot_grouping", "slices") == "modules":
+        units = tuple(max(d.role_size(r) or 0 for r in GROWABLE_ROLES) for d in (old, new))
+    else:
+        units = (old.residual, new.residual)
+
+    def slots(d, u: int) -> int:
+        return sum(math.ceil(d.role_size(o) / u) * math.ceil(d.role_size(i) / u)
+                   for s in ring for o in s.axes[1 - s.in_axis] for i in s.axes[s.in_axis])
+
+    return rank, units, (slots(old, units[0]), slots(new, units[1])), len(ring)
 
 
 @hookimpl
