@@ -106,17 +106,25 @@ class Architecture:
         """The module as a training step runs it; as it is by default."""
         return module
 
-    def load_weights(self, module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
-        """Load tensors named as in the checkpoint; every module weight must be covered."""
+    def module_tensors(self, module: torch.nn.Module, tensors: dict[str, torch.Tensor],
+                       source: str | Path) -> dict[str, torch.Tensor]:
+        """Tensors named as in the checkpoint, keyed by the module's names (any subset of
+        the model: a streamed run loads one block at a time)."""
         expected = module.state_dict()
-        is_optional = self.optional_in_module
         mapped = {}
         for name, tensor in tensors.items():
             key = self.module_key(name, expected)
             if key is not None:
                 mapped[key] = tensor
-            elif not is_optional(name):
+            elif not self.optional_in_module(name):
                 raise InputError(f"tensor {name!r} has no place in a {type(module).__name__}", path=source)
+        return mapped
+
+    def load_weights(self, module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
+        """Load tensors named as in the checkpoint; every module weight must be covered."""
+        expected = module.state_dict()
+        is_optional = self.optional_in_module
+        mapped = self.module_tensors(module, tensors, source)
         tied = self._tied_keys(module, loaded=set(mapped))
         missing = [k for k in expected if k not in mapped and k not in tied and not is_optional(k)]
         if missing:

@@ -1,9 +1,16 @@
 """Run the source and the grown model side by side and measure how exactly the grown
 one reproduces the source (the reference implementation runs both: transformers for the
-built-in architectures)."""
+built-in architectures).
+
+Both run streamed (modelgrow.streamed): one block's weights in memory at a time, so a
+4B-parameter growth is checked in the memory of one block. Each block's output is
+compared too, through the depth map that ``growth_map.json`` records: a layout mistake
+shows up as "block 17 (a copy of source block 8) differs by 3e-2", where it starts.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -11,7 +18,9 @@ import torch
 
 from .errors import VerificationError
 from .options import Options, option
-from .source import SourceModel, load_module
+from .growth_map import GROWTH_MAP
+from .source import SourceModel
+from .streamed import run_streamed
 
 
 class VerifyOptions(Options):
@@ -43,17 +52,31 @@ class VerifyResult:
     # With a cast of the weights (--dtype): how far the cast alone moves the source's own
     # outputs ({"dtype", "max_abs_diff"}), so that the growth's share can be told apart.
     cast: dict | None = None
+    # Per grown block: its output against the source block it copies (None: depth map unknown).
+    blocks: list[dict] | None = None
+    peak_block_bytes: int = 0  # the most weight bytes held at once (one block, fp32)
 
     def as_dict(self) -> dict:
         out = asdict(self)
-        if out["cast"] is None:
-            del out["cast"]
+        for key in ("cast", "blocks"):
+            if out[key] is None:
+                del out[key]
+        first = self.first_divergent()
+        if first is not None:
+            out["first_divergent_block"] = first
         return out
+
+    def first_divergent(self) -> dict | None:
+        """The first grown block whose output departs from its source block, if any."""
+        return next((b for b in self.blocks or [] if b["max_abs_diff"] > b["tolerance"]), None)
 
     def failure(self, source, grown) -> VerificationError:
         """The error a failed comparison of ``source`` and ``grown`` is reported as (exit 4)."""
+        first = self.first_divergent()
+        where = (f"; block {first['layer']} (from source block {first['source_layer']}) departs first, "
+                 f"by {first['max_abs_diff']:.3g}" if first else "")
         return VerificationError(f"outputs differ from {source} by {self.max_abs_diff:.3g} "
-                                 f"(tolerance {self.tolerance:.3g})", path=grown)
+                                 f"(tolerance {self.tolerance:.3g}){where}", path=grown)
 
     def to_json(self, indent: int | None = 2) -> str:
         import json
@@ -75,26 +98,52 @@ def compare(source: SourceModel, grown: SourceModel, *, batch: int = 2, seq: int
     seq = min(seq, positions) if positions else seq
     gen = torch.Generator().manual_seed(seed)
     inputs = source.arch.example_inputs(source.config, batch, seq, gen)
-    small = load_module(source)
-    ref = source.arch.call(small, source.config, inputs)
+    small = run_streamed(source, inputs)
+    ref = small.output
     cast_diff = None
     if cast is not None:
-        for p in small.parameters():
-            p.copy_(p.to(cast).float())
-        cast_diff = (source.arch.call(small, source.config, inputs).float() - ref.float()).abs().max().item()
-    del small
-    big = load_module(grown)
-    out = grown.arch.call(big, grown.config, inputs)
-    del big
+        cast_diff = (run_streamed(source, inputs, round_to=cast).output - ref).abs().max().item()
+    big = run_streamed(grown, inputs)
+    out = big.output
     kind = source.arch.class_info(source.config)["output"]
     if kind == "last_hidden_state":
         # Hidden states are wider after growth; the first copy holds the original units.
         out = out[..., : ref.shape[-1]]
-    ref, out = ref.float(), out.float()
     if out.shape != ref.shape:
         raise ValueError(f"output shapes differ: {list(ref.shape)} vs {list(out.shape)}")
     diff = (out - ref).abs().max().item()
     scale = max(1.0, ref.abs().max().item())
-    tol = TOLERANCE.get(stored_dtype(grown), 1e-2) * scale
+    rel = TOLERANCE.get(stored_dtype(grown), 1e-2)
+    tol = rel * scale
+    blocks = block_differences(small.blocks, big.blocks, source_layers(grown, len(small.blocks)), rel)
     casting = {"dtype": str(cast).removeprefix("torch."), "max_abs_diff": cast_diff} if cast is not None else None
-    return VerifyResult(kind, list(ref.shape), diff, ref.abs().max().item(), tol, diff <= tol, batch, seq, seed, casting)
+    return VerifyResult(kind, list(ref.shape), diff, ref.abs().max().item(), tol, diff <= tol, batch, seq, seed, casting,
+                        blocks, max(small.peak_block_bytes, big.peak_block_bytes))
+
+
+def source_layers(grown: SourceModel, source_depth: int) -> list[int] | None:
+    """Per grown layer, the source layer it was made from (growth_map.json), if known."""
+    path = Path(grown.checkpoint.root) / GROWTH_MAP
+    if path.is_file():
+        try:
+            return [int(entry["source_layer"]) for entry in json.loads(path.read_text(encoding="utf-8"))["layers"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return list(range(source_depth)) if grown.dims.layers == source_depth else None
+
+
+def block_differences(small: list[torch.Tensor], big: list[torch.Tensor], sources: list[int] | None,
+                      rel: float) -> list[dict] | None:
+    """Each grown block's output against the source block it copies (first units of the
+    residual: the copy of the original ones); None when the depth map is unknown."""
+    if sources is None or len(sources) != len(big) or any(not 0 <= s < len(small) for s in sources):
+        return None
+    out = []
+    for layer, (hidden, s) in enumerate(zip(big, sources)):
+        ref = small[s]
+        if hidden.shape[:-1] != ref.shape[:-1] or hidden.shape[-1] < ref.shape[-1]:
+            return None
+        d = (hidden[..., : ref.shape[-1]] - ref).abs().max().item()
+        out.append({"layer": layer, "source_layer": s, "max_abs_diff": d,
+                    "tolerance": rel * max(1.0, ref.abs().max().item())})
+    return out

@@ -142,11 +142,12 @@ class HFArchitecture(Architecture):
         back = dict(zip(renamed, names))
         return {back[k]: v for k, v in super().parameter_names(module, list(renamed)).items()}
 
-    def load_weights(self, module, tensors, source):
+    def module_tensors(self, module, tensors, source):
         # transformers 5 renames some modules in memory but still saves (and hub files
         # hold) the original names, e.g. ViT's "encoder.layer.0.attention.attention.query"
-        # is "layers.0.attention.q_proj" in the module: translate with its own mapping.
-        return super().load_weights(module, _hf_module_names(module, tensors), source)
+        # is "layers.0.attention.q_proj" in the module: translate with its own mapping
+        # (load_weights goes through here too).
+        return super().module_tensors(module, _hf_module_names(module, tensors), source)
 
     def example_inputs(self, config, batch, seq, generator):
         inputs = super().example_inputs(config, batch, seq, generator)

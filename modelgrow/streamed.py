@@ -1,0 +1,144 @@
+"""Run a checkpoint's model one block at a time, for verification at any size.
+
+The module is built with its parameters on the meta device (buffers such as rotary
+frequencies stay real), so building it allocates no weights. The embeddings, final
+norm and head are loaded up front; each block's weights are read from the
+memory-mapped checkpoint just before the block runs and dropped right after. Peak
+memory is the pre/post tensors plus one block in fp32 plus the activations, whatever
+the model's depth. Every block's output hidden state is kept (small: batch × seq ×
+width), so that a comparison can say which block first departs ("block 17 differs
+by 3e-2") rather than only that the logits do.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from .source import SourceModel
+
+
+@dataclass
+class StreamedRun:
+    output: torch.Tensor  # the primary output (logits or hidden states), fp32
+    blocks: list[torch.Tensor]  # per layer: the block's output hidden state
+    peak_block_bytes: int  # the largest block loaded at once
+
+
+@contextmanager
+def meta_parameters():
+    """Parameters registered inside the block live on the meta device (no storage)."""
+    original = torch.nn.Module.register_parameter
+
+    def register(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+@torch.no_grad()
+def run_streamed(source: SourceModel, inputs: dict[str, torch.Tensor],
+                 round_to: torch.dtype | None = None) -> StreamedRun:
+    """``source``'s primary output on ``inputs``, and every block's output, one block in
+    memory; ``round_to``: weights rounded to that dtype first (what a cast would do)."""
+    arch, config = source.arch, source.config
+    with meta_parameters():
+        module = arch.build_module(config)
+    aliases = _aliases(module)
+    by_layer: dict[int | None, dict[str, str]] = defaultdict(dict)  # layout name -> stored name
+    for b in source.bound():
+        if not source.is_tied_head(b.spec):
+            by_layer[b.layer][source.stored_name(b.spec, b.layer)] = b.name
+
+    def place(names: dict[str, str], tensors: dict[str, torch.Tensor]) -> int:
+        placed = arch.module_tensors(module, tensors, source.path)
+        for key, tensor in placed.items():
+            for alias in aliases.get(key, [key]):
+                _assign(module, alias, tensor)
+        return sum(t.numel() * t.element_size() for t in placed.values())
+
+    def read(names: dict[str, str]) -> dict[str, torch.Tensor]:
+        tensors = {key: source.checkpoint.get(stored) for key, stored in names.items()}
+        return {k: (t.to(round_to) if round_to is not None else t).float() for k, t in tensors.items()}
+
+    place(by_layer[None], read(by_layer.pop(None, {})))
+    blocks: dict[int, torch.Tensor] = {}
+    peak = 0
+    handles = []
+    block_of: dict[int, torch.nn.Module] = {}
+    for layer, names in sorted(by_layer.items()):
+        keys = list(arch.module_tensors(module, {k: _PROBE for k in names}, source.path))
+        block_of[layer] = _block_module(module, keys)
+    inside = {id(p) for b in block_of.values() for p in b.parameters()}
+    _fill_unstored(module, lambda p: id(p) not in inside)
+    for layer, names in sorted(by_layer.items()):
+        block = block_of[layer]
+
+        def before(mod, _args, names=names):
+            nonlocal peak
+            peak = max(peak, place(names, read(names)))
+            _fill_unstored(mod)
+
+        def after(mod, _args, output, layer=layer):
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            blocks[layer] = hidden.detach().float().clone()
+            for name, p in list(mod.named_parameters()):  # drop the block's weights
+                _assign(mod, name, torch.empty(p.shape, device="meta"))
+
+        handles += [block.register_forward_pre_hook(before), block.register_forward_hook(after)]
+    try:
+        output = arch.call(module, config, inputs).float()
+    finally:
+        for h in handles:
+            h.remove()
+    return StreamedRun(output, [blocks[i] for i in sorted(blocks)], peak)
+
+
+_PROBE = torch.zeros(1, 1)  # a stand-in where only the module key of a tensor is wanted
+
+
+def _fill_unstored(module: torch.nn.Module, where=lambda p: True) -> None:
+    """Zeros for parameters the checkpoint does not hold (an optional pooler or mask token
+    a module builds anyway): they never feed the primary output, but must be real."""
+    for name, p in list(module.named_parameters()):
+        if p.device.type == "meta" and where(p):
+            _assign(module, name, torch.zeros(p.shape))
+
+
+def _aliases(module: torch.nn.Module) -> dict[str, list[str]]:
+    """Parameter name -> every name sharing that parameter (a tied head and its embedding)."""
+    groups: dict[int, list[str]] = defaultdict(list)
+    for name, p in module.named_parameters(remove_duplicate=False):
+        groups[id(p)].append(name)
+    return {name: names for names in groups.values() for name in names}
+
+
+def _assign(module: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
+    path, _, name = key.rpartition(".")
+    owner = module.get_submodule(path) if path else module
+    owner._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
+
+
+def _block_module(module: torch.nn.Module, keys: list[str]) -> torch.nn.Module:
+    """The submodule holding one layer's parameters: the longest common prefix of their keys."""
+    parts = [k.split(".") for k in keys]
+    common = []
+    for pieces in zip(*parts):
+        if len(set(pieces)) != 1:
+            break
+        common.append(pieces[0])
+    while common:
+        try:
+            return module.get_submodule(".".join(common))
+        except AttributeError:
+            common.pop()
+    raise RuntimeError(f"no submodule holds the layer of {keys[0]!r}")
