@@ -57,20 +57,20 @@ def convert(source: PathLike, dest: PathLike | None = None, spec: GrowthSpec | d
         raise UsageError("give -o/--output, or --dry-run to only print the plan")
     fitting = FitOptions.parse(fit) if fit else None
     source, from_hub = hub.resolve(source)
-    outputs = {"--report": run.report}
-    if not run.dry_run:
-        outputs.update({"-o/--output": dest, "--onnx": run.onnx, "--onnx data": data_path(run.onnx) if run.onnx else None})
+    # Every output is checked, a dry run's too: it says whether the real run would start.
+    outputs = {"--report": run.report, "-o/--output": dest, "--onnx": run.onnx,
+               "--onnx data": data_path(run.onnx) if run.onnx else None}
     _check_paths(source, run.config, outputs, report=run.report, data=(fitting.data or ()) if fitting else (),
                  tokenizer=fitting.tokenizer if fitting else None)
-    if run.onnx is not None and not run.dry_run:
+    if run.onnx is not None:
         preflight(run.onnx, overwrite=run.overwrite)  # refuse before growing, not after
     if not run.dry_run:
         signals.expect(dest, run.onnx, run.report)  # an interruption then says which of them exist
     report = grow.convert(
-        source, None if run.dry_run else dest, spec, operator=operator, operator_options=operator_options,
+        source, dest, spec, operator=operator, operator_options=operator_options,
         config_path=run.config, max_shard_size=run.max_shard_size, overwrite=run.overwrite, verify=run.verify,
         dry_run=run.dry_run, allow_nonfinite=run.allow_nonfinite, report_path=run.report, progress=progress,
-        fit_options=fit, dtype=run.dtype, keep_card=run.keep_card, hub=from_hub,
+        fit_options=fit, dtype=run.dtype, keep_card=run.keep_card, hub=from_hub, preflight=run.preflight,
     )
     onnx = None
     if run.onnx is not None and "output" in report:

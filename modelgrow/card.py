@@ -163,7 +163,7 @@ def convert_card(report: dict[str, Any], recipe: Recipe) -> str:
 def verify_line(v: dict[str, Any] | None) -> str:
     """The exactness figure: verification's max |Δ|, or why there is none."""
     if v is None:
-        return "Not verified: the grown model was not run against the source (`--no-verify`, or over 300M parameters)."
+        return "Not verified: the grown model was not run against the source (`--no-verify`)."
     if "skipped" in v:
         return f"Not verified: {v['skipped']}."
     verdict = "passed" if v["passed"] else "failed"

@@ -19,6 +19,7 @@ from . import plugins, signals
 from .version import __version__
 from .card import Recipe, convert_card, source_label, write_card
 from .checkpoint import CheckpointWriter, dtypes, parse_size
+from .checkpoint.writer import check_target
 from .checkpoint.dtypes import DtypeName
 from .checkpoint.sizes import ShardSize
 from .checkpoint.identity import source_digest, source_identity
@@ -28,12 +29,12 @@ from .errors import InputError, ModelgrowError, OutputError, UsageError, Verific
 from .fit import FitOptions, is_writer, prepare_fit
 from .growth_map import GROWTH_MAP, growth_map
 from .plan import GrowthSpec, Plan, make_plan
+from .preflight import Preflight
 from .report import write_report
 from .source import SourceModel, open_source
 from .compare import compare
 
 # Verification runs both models on the CPU; past this size it is opt-in (--verify).
-AUTO_VERIFY_MAX_PARAMS = 300_000_000
 
 
 class ConvertOptions(Options):
@@ -44,8 +45,12 @@ class ConvertOptions(Options):
     config: Path | None = option(None, "config.json, when not beside SOURCE.")
     max_shard_size: ShardSize = option("2GB", "Largest shard in bytes; units KB/MB/GB (powers of 1000) or KiB/MiB/GiB.")
     overwrite: bool = option(False, "Replace OUTPUT if it exists (only once the new one is complete).")
-    verify: bool | None = option(None, "Run both models and compare outputs [default: on up to 300M parameters].")
-    dry_run: bool = option(False, "Print the plan and stop.")
+    verify: bool | None = option(None, "Run both models and compare outputs, block by block, one block in memory at a "
+                                       "time [default: on, at every size].")
+    dry_run: bool = option(False, "Run every check, print the plan and the estimate, and stop (fit data is checked "
+                                  "to exist, not read).")
+    preflight: bool = option(True, "Before any work, estimate the grown model's size on disk and this run's peak "
+                                   "memory and refuse (exit 2) a job that does not fit; --no-preflight tries anyway.")
     allow_nonfinite: bool = option(False, "Grow weights that hold NaN or Inf instead of refusing.")
     report: Path | None = option(None, "Write a JSON report of the run here; - (or /dev/stdout) prints it, like --json.")
     onnx: Path | None = option(None, "Also export the grown model to this .onnx file, checked like `modelgrow export` does.")
@@ -91,6 +96,7 @@ def convert(
     dtype: str = "source",
     keep_card: bool = False,
     hub: dict[str, Any] | None = None,
+    preflight: bool = True,
 ) -> dict[str, Any]:
     """Grow the checkpoint at ``source_path`` into ``dest``; return the run's report.
 
@@ -98,19 +104,27 @@ def convert(
     modelgrow.fit.FitOptions); under torchrun every rank fits, rank 0 alone writes.
     ``dtype`` is what the weights are stored as (modelgrow.checkpoint.dtypes); ``hub``
     the Hub id the source was resolved from (modelgrow.hub), for the report and the card.
+    The pre-flight (modelgrow.preflight; ``preflight=False`` skips its resource check)
+    refuses a job that cannot fit before the plan lists a tensor; a dry run (``dry_run``
+    or no ``dest``) runs every check the real run would, and stops.
     """
     started = time.perf_counter()
-    run = ConvertOptions.parse(dtype=dtype, max_shard_size=max_shard_size, allow_nonfinite=allow_nonfinite, verify=verify)
+    run = ConvertOptions.parse(dtype=dtype, max_shard_size=max_shard_size, allow_nonfinite=allow_nonfinite, verify=verify,
+                               preflight=preflight)
     timings: dict[str, float] = {}
     options = dict(operator_options or {})
     max_shard_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    dry_run = dry_run or dest is None
     with open_source(source_path, config_path) as source:
         try:
-            plan = make_plan(source, spec)
+            kind = plugins.get_operator(operator)
+            gate = Preflight(source, spec, kind, options, dtype=run.dtype, shard_bytes=max_shard_bytes,
+                             verify=verify is not False, dest=dest, check=run.preflight)
+            plan = make_plan(source, spec, gate)  # refuses a job that cannot fit before listing any tensor
             casting = dtypes.describe(run.dtype, {source.checkpoint.info(b.name).dtype for b in source.bound()})
             if dtypes.cast_note(casting):  # before the operator takes the plan's promise
                 plan.promise.notes.append(dtypes.cast_note(casting))
-            op = plugins.get_operator(operator)(plan, **options)
+            op = kind(plan, **options)
         except ModelgrowError as err:
             # "target width 16 is smaller than the source's 32" must say which
             # checkpoint it is about when it is one line in a batch job's log.
@@ -127,19 +141,22 @@ def convert(
             "promise": op.promise().as_dict(),
             "dry_run": dry_run,
             "dtype": casting,
+            "estimate": gate.estimate.as_dict(),
         }
-        if dry_run or dest is None:
+        if dest is not None:  # what CheckpointWriter would refuse, refused now (a dry run too)
+            dest = Path(dest)
+            check_destination(source, dest)
+            check_target(dest, overwrite, clean=not dry_run)
+        if verify is None:
+            verify = True  # streamed: memory of one block, whatever the size
+        # Fit options and data are checked now, before any output exists (a dry run reads no data).
+        if fit_options and not op.learned:
+            raise UsageError(f"fit options are for learned operators, and {op.name!r} is not one", hint="e.g. --operator ligo")
+        fitting = prepare_fit(op, fit_options, read=not dry_run) if op.learned else None
+        if dry_run:
             report["timings"] = timings
             write_report(report, report_path)
             return report
-        dest = Path(dest)
-        check_destination(source, dest)
-        if verify is None:
-            verify = plan.target_params() <= AUTO_VERIFY_MAX_PARAMS
-        # Fit options and data are checked now, before any output exists.
-        if fit_options and not op.learned:
-            raise UsageError(f"fit options are for learned operators, and {op.name!r} is not one", hint="e.g. --operator ligo")
-        fitting = prepare_fit(op, fit_options) if op.learned else None
         if fitting is not None and not is_writer():
             report["fit"] = fitting.run(progress=False)  # a data-parallel helper rank: rank 0 writes
             return report

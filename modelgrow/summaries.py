@@ -28,7 +28,23 @@ def format_plan(report: dict) -> str:
         rows.append(f"new layers: {', '.join(map(str, new))} (growth_map.json; train only these: modelgrow train --train new)")
     exact = "yes" if promise["exact"] else "no"
     rows.append(f"function-preserving: {exact}" + "".join(f"\n  - {n}" for n in promise["notes"]))
+    if report.get("estimate"):
+        rows.append(format_estimate(report["estimate"]))
     return "\n".join(rows)
+
+
+def format_estimate(e: dict) -> str:
+    """The pre-flight estimate (modelgrow.preflight) in one line."""
+    from .checkpoint.sizes import format_size
+
+    have = []
+    if e.get("free_disk_bytes") is not None:
+        have.append(f"{format_size(e['free_disk_bytes'])} free at {e['disk_path']}")
+    if e.get("available_memory_bytes") is not None:
+        have.append(f"{format_size(e['available_memory_bytes'])} of memory available")
+    checked = f" ({'; '.join(have)})" if have else "" if e.get("checked") else " (not checked: --no-preflight)"
+    return (f"estimate: {e['params']:,} parameters, {format_size(e['disk_bytes'])} on disk, about "
+            f"{format_size(e['peak_memory_bytes'])} of memory at the peak{checked}")
 
 
 def format_verify(v: dict) -> str:
@@ -37,8 +53,11 @@ def format_verify(v: dict) -> str:
     verdict = "matches" if v["passed"] else "differs from"
     cast = v.get("cast")
     alone = f"; the {cast['dtype']} cast alone: {cast['max_abs_diff']:.3g}" if cast else ""
+    first = v.get("first_divergent_block")
+    where = (f"; block {first['layer']} (from source block {first['source_layer']}) departs first, by "
+             f"{first['max_abs_diff']:.3g}" if first else "")
     return (f"verify: grown model {verdict} the source: max |Δ {v['output']}| = {v['max_abs_diff']:.3g} "
-            f"(tolerance {v['tolerance']:.3g}, batch {v['batch']} × {v['seq']} tokens{alone})")
+            f"(tolerance {v['tolerance']:.3g}, batch {v['batch']} × {v['seq']} tokens{alone}){where}")
 
 
 def format_train(r: dict) -> str:
