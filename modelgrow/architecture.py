@@ -11,7 +11,7 @@ The contract, each method with a default a plugin may override:
 - ``model_inputs(config, batch)``: the keyword arguments a loss step passes;
 - ``call(module, config, inputs)``: run the module, return its primary output tensor;
 - ``prepare_for_training(module, config)``: switch off what a training step does not
-  want (a KV cache, say);
+  want (a KV cache, say); ``prepare_for_export(module, config)``: what an exporter needs;
 - ``tied_parameters(config)``: which stored tensors share a parameter (from the layout).
 """
 
@@ -104,6 +104,10 @@ class Architecture:
 
     def prepare_for_training(self, module: torch.nn.Module, config: dict) -> torch.nn.Module:
         """The module as a training step runs it; as it is by default."""
+        return module
+
+    def prepare_for_export(self, module: torch.nn.Module, config: dict) -> torch.nn.Module:
+        """The module as an exporter traces it (static shapes); as it is by default."""
         return module
 
     def module_tensors(self, module: torch.nn.Module, tensors: dict[str, torch.Tensor],

@@ -134,14 +134,10 @@ def export_onnx(
                          hint=f"use --opset {MIN_OPSET} or higher")
     dest = Path(dest)
     with open_source(checkpoint_path, config_path) as source:
-        if source.dims.experts:
-            raise UsageError(f"ONNX export of a mixture-of-experts model ({source.layout.name}) is not supported yet: "
-                             "torch.export cannot trace its data-dependent expert routing",
-                             hint="export the dense model, or use the checkpoint with transformers")
         check_destination(dest, overwrite=overwrite)
         check_outputs(source_inputs(source), {"-o/--output": dest, "the external data file": data_path(dest)})
         signals.expect(dest)
-        module = _load(source)
+        module = source.arch.prepare_for_export(_load(source), source.config)
         shape = fit_shape(EXAMPLE_SHAPE, source)
         example = source.arch.example_inputs(source.config, *shape, torch.Generator().manual_seed(0))
         names, output_name = list(example), source.arch.class_info(source.config)["output"]

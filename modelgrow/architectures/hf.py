@@ -159,6 +159,14 @@ class HFArchitecture(Architecture):
     def call(self, module, config, inputs):
         return self.primary_output(config, module(**inputs, **_call_options(module)))
 
+    def prepare_for_export(self, module, config):
+        cfg = getattr(module, "config", None)
+        if getattr(cfg, "_experts_implementation", None) is not None:
+            # The eager expert loop has data-dependent shapes torch.export cannot trace; the
+            # batched form gathers each token's expert weights: static shapes, same maths.
+            cfg._experts_implementation = "batched_mm"
+        return module
+
     def prepare_for_training(self, module, config):
         cfg = getattr(module, "config", None)
         if cfg is not None and hasattr(cfg, "use_cache"):
