@@ -271,6 +271,8 @@ def make_plan(source: SourceModel, spec: GrowthSpec, preflight: Callable[[Dims],
         promise.depth = False
         promise.notes.append(f"{', '.join(flags)} is set: blocks depend on their index, and depth growth moves them, so it is not exact")
 
+    if new == old and depth_map == [(i, False) for i in range(old.layers)]:
+        promise.notes.append("nothing grows: the output is a copy of the source (give --width, --depth, --layers, ...)")
     plan = Plan(source, spec, old, new, depth_map, {}, [], promise, identity)
     plan.config = _target_config(plan)
     problem = source.arch.config_problem(plan.config)

@@ -125,3 +125,9 @@ def test_train_selection_errors_are_one_line(llama8, tmp_path, which, message):
                                        "--steps", "2", "-o", str(tmp_path / "out")])
     assert result.exit_code == 2 and message in result.stderr, result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_growth_that_grows_nothing_says_so(llama8, tmp_path):
+    result = CliRunner().invoke(main, ["convert", str(llama8), "-o", str(tmp_path / "same"), "--width", "1x", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "nothing grows: the output is a copy of the source" in result.output
