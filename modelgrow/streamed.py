@@ -1,11 +1,11 @@
 """Run a checkpoint's model one block at a time, for verification at any size.
 
 The module is built with its parameters on the meta device (buffers such as rotary
-frequencies stay real), so building it allocates no weights. The embeddings, final
-norm and head are loaded up front; each block's weights are read from the
-memory-mapped checkpoint just before the block runs and dropped right after. Peak
-memory is the pre/post tensors plus one block in fp32 plus the activations, whatever
-the model's depth. Every block's output hidden state is kept (small: batch × seq ×
+frequencies stay real), so building it allocates no weights. Every module that owns
+weights outside the blocks (embeddings, final norm, head) has its tensors read just
+before it runs and dropped after, and so has each block as a whole. Peak memory is the
+largest of those in fp32 (a block, or the embedding of a large vocabulary) plus the
+activations, whatever the model's depth. Every block's output hidden state is kept (small: batch × seq ×
 width), so that a comparison can say which block first departs ("block 17 differs
 by 3e-2") rather than only that the logits do.
 """
@@ -59,7 +59,7 @@ def run_streamed(source: SourceModel, inputs: dict[str, torch.Tensor],
         if not source.is_tied_head(b.spec):
             by_layer[b.layer][source.stored_name(b.spec, b.layer)] = b.name
 
-    def place(names: dict[str, str], tensors: dict[str, torch.Tensor]) -> int:
+    def place(tensors: dict[str, torch.Tensor]) -> int:
         placed = arch.module_tensors(module, tensors, source.path)
         for key, tensor in placed.items():
             for alias in aliases.get(key, [key]):
@@ -70,22 +70,39 @@ def run_streamed(source: SourceModel, inputs: dict[str, torch.Tensor],
         tensors = {key: source.checkpoint.get(stored) for key, stored in names.items()}
         return {k: (t.to(round_to) if round_to is not None else t).float() for k, t in tensors.items()}
 
-    place(by_layer[None], read(by_layer.pop(None, {})))
     blocks: dict[int, torch.Tensor] = {}
     peak = 0
     handles = []
+    # Embeddings, final norm, head: each loaded when its own module runs (a tied head
+    # reads the embedding's tensor again), so a large vocabulary is held only while used.
+    owners = _owners(module, arch, by_layer.pop(None, {}), aliases, source.path)
+    for path, entries in owners.items():
+        def load_owner(mod, _args, entries=entries):
+            nonlocal peak
+            tensors = read(entries)
+            for name, tensor in tensors.items():
+                _assign(mod, name, tensor)
+            peak = max(peak, sum(t.numel() * t.element_size() for t in tensors.values()))
+
+        def drop_owner(mod, _args, _output, entries=entries):
+            for name in entries:
+                _assign(mod, name, torch.empty(mod.get_parameter(name).shape, device="meta"))
+
+        owner = module.get_submodule(path)
+        handles += [owner.register_forward_pre_hook(load_owner), owner.register_forward_hook(drop_owner)]
+    lazy = {id(module.get_parameter(f"{path}.{name}" if path else name)) for path, e in owners.items() for name in e}
     block_of: dict[int, torch.nn.Module] = {}
     for layer, names in sorted(by_layer.items()):
         keys = list(arch.module_tensors(module, {k: _PROBE for k in names}, source.path))
         block_of[layer] = _block_module(module, keys)
     inside = {id(p) for b in block_of.values() for p in b.parameters()}
-    _fill_unstored(module, lambda p: id(p) not in inside)
+    _fill_unstored(module, lambda p: id(p) not in inside and id(p) not in lazy)
     for layer, names in sorted(by_layer.items()):
         block = block_of[layer]
 
         def before(mod, _args, names=names):
             nonlocal peak
-            peak = max(peak, place(names, read(names)))
+            peak = max(peak, place(read(names)))
             _fill_unstored(mod)
 
         def after(mod, _args, output, layer=layer):
@@ -104,6 +121,19 @@ def run_streamed(source: SourceModel, inputs: dict[str, torch.Tensor],
 
 
 _PROBE = torch.zeros(1, 1)  # a stand-in where only the module key of a tensor is wanted
+
+
+def _owners(module: torch.nn.Module, arch, names: dict[str, str], aliases: dict[str, list[str]],
+            source) -> dict[str, dict[str, str]]:
+    """Owner module path -> {parameter name in it: stored tensor}, for tensors outside the
+    blocks, every name that shares a parameter included (a tied head and its embedding)."""
+    owners: dict[str, dict[str, str]] = defaultdict(dict)
+    for layout_name, stored in names.items():
+        for key in arch.module_tensors(module, {layout_name: _PROBE}, source):
+            for alias in aliases.get(key, [key]):
+                path, _, name = alias.rpartition(".")
+                owners[path][name] = stored
+    return dict(owners)
 
 
 def _fill_unstored(module: torch.nn.Module, where=lambda p: True) -> None:
