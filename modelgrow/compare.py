@@ -54,7 +54,7 @@ class VerifyResult:
     cast: dict | None = None
     # Per grown block: its output against the source block it copies (None: depth map unknown).
     blocks: list[dict] | None = None
-    peak_block_bytes: int = 0  # the most weight bytes held at once (one block, fp32)
+    peak_block_bytes: int = 0  # the most weight bytes held at once (one block or embedding, fp32)
 
     def as_dict(self) -> dict:
         out = asdict(self)
