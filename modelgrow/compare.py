@@ -10,15 +10,14 @@ shows up as "block 17 (a copy of source block 8) differs by 3e-2", where it star
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import VerificationError
+from .errors import UsageError, VerificationError
 from .options import Options, option
-from .growth_map import GROWTH_MAP
+from .growth_map import read_growth_map
 from .source import SourceModel
 from .streamed import run_streamed
 
@@ -123,12 +122,12 @@ def compare(source: SourceModel, grown: SourceModel, *, batch: int = 2, seq: int
 
 def source_layers(grown: SourceModel, source_depth: int) -> list[int] | None:
     """Per grown layer, the source layer it was made from (growth_map.json), if known."""
-    path = Path(grown.checkpoint.root) / GROWTH_MAP
-    if path.is_file():
-        try:
-            return [int(entry["source_layer"]) for entry in json.loads(path.read_text(encoding="utf-8"))["layers"]]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+    try:
+        found = read_growth_map(grown.checkpoint.root)
+    except UsageError:  # an unreadable map only costs the per-block diagnosis
+        return None
+    if found is not None:
+        return found["source_layers"]
     return list(range(source_depth)) if grown.dims.layers == source_depth else None
 
 

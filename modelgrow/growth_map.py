@@ -69,18 +69,28 @@ def chosen_tensors(source, which: str) -> set[str] | None:
     return chosen
 
 
-def new_tensors(folder: Path) -> set[str]:
-    """The tensor names the growth map in ``folder`` marks as new (``train --train new``)."""
+def read_growth_map(folder: Path) -> dict | None:
+    """The growth map written beside the weights in ``folder``; None when there is none.
+    A file that is not one modelgrow can read is a UsageError naming it."""
     path = Path(folder) / GROWTH_MAP
     if not path.is_file():
-        raise UsageError(f"--train new needs {GROWTH_MAP}, which modelgrow convert writes beside the weights; "
-                         f"{folder} has none", hint="train all (the default) or name tensors with a pattern")
+        return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        names = {name for name, entry in data["tensors"].items() if entry["new"]}
+        layers = [int(entry["source_layer"]) for entry in data["layers"]]
+        new = {name for name, entry in data["tensors"].items() if entry["new"]}
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UsageError(f"{path}: not a growth map modelgrow can read ({type(exc).__name__})",
                          hint="convert again to write a fresh one") from None
     if data.get("format") != FORMAT:
         raise UsageError(f"{path}: growth map format {data.get('format')!r}, expected {FORMAT!r}")
-    return names
+    return {"source_layers": layers, "new_tensors": new}
+
+
+def new_tensors(folder: Path) -> set[str]:
+    """The tensor names the growth map in ``folder`` marks as new (``train --train new``)."""
+    found = read_growth_map(folder)
+    if found is None:
+        raise UsageError(f"--train new needs {GROWTH_MAP}, which modelgrow convert writes beside the weights; "
+                         f"{folder} has none", hint="train all (the default) or name tensors with a pattern")
+    return found["new_tensors"]

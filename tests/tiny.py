@@ -40,6 +40,18 @@ def save(model: transformers.PreTrainedModel, folder: Path, **kwargs) -> Path:
     return folder
 
 
+def logits_gap(cls, src: Path, grown: Path, vocab: int, low: int = 0):
+    """Load both checkpoints with ``cls`` (no missing, unexpected or mis-shaped keys in the
+    grown one) and return (max |logits difference| on random tokens, the grown model)."""
+    small = cls.from_pretrained(src).eval()
+    big, info = cls.from_pretrained(grown, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ids = torch.randint(low, vocab, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        diff = (small(input_ids=ids).logits - big.eval()(input_ids=ids).logits).abs().max().item()
+    return diff, big
+
+
 def gpt2(folder: Path, *, tie: bool = True, head: bool = True, embd: int = 32, layers: int = 2, heads: int = 4, seed: int = 0, **kw) -> Path:
     cfg = transformers.GPT2Config(
         n_embd=embd, n_layer=layers, n_head=heads, n_positions=32, vocab_size=96, n_inner=kw.pop("n_inner", None),

@@ -42,6 +42,10 @@ class Adjustment:
     def to_stored(self, w: torch.Tensor) -> torch.Tensor:
         return w - self.offset if self.offset else w
 
+    @property
+    def stored_pad_fill(self) -> float:
+        return self.pad_fill - self.offset
+
 
 def adjustment(plan: Plan, spec: TensorSpec, head_norms: set[str]) -> Adjustment:
     """How ``spec``'s grown values are scaled, offset and padded under ``plan``."""

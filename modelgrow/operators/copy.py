@@ -70,7 +70,7 @@ class CopyOperator(Operator):
         if m.pad.any():
             moved = out.movedim(axis, 0)
             if spec.is_norm:  # a padding unit's gain is 1 and its bias 0 (stored: minus the offset)
-                moved[m.pad] = adjust.to_stored(torch.tensor(adjust.pad_fill)).item()
+                moved[m.pad] = adjust.stored_pad_fill
             elif self.maps.pad_value == "mean":  # the padding unit carries the mean of the stream
                 moved[m.pad] = w.movedim(axis, 0).mean(dim=0)
             else:

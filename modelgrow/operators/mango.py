@@ -75,6 +75,8 @@ class MangoOperator(LearnedOperator):
         self._cache: tuple | None = None
 
         self._classify()
+        self._scales = {s.name: adjustment(plan, s, self.head_norms).scale
+                        for s in [*self.ring_specs, *self.bias_of.values()]}
         self._layout_modes()
         self._init_cores()
         self._init_outside()
@@ -263,7 +265,7 @@ class MangoOperator(LearnedOperator):
         return self._adjusted(spec, w.movedim(0, spec.in_axis))
 
     def _adjusted(self, spec: TensorSpec, w: torch.Tensor) -> torch.Tensor:
-        scale = adjustment(self.plan, spec, self.head_norms).scale  # q/k norm inputs at padded widths
+        scale = self._scales[spec.name]  # q/k norm inputs at padded widths
         return w * scale if scale != 1.0 else w
 
     def _outside_tensor(self, target: TargetTensor) -> torch.Tensor:
