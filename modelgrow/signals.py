@@ -14,7 +14,13 @@ start to exit, so that a signal outside a command is answered the same way: befo
 command starts it stops the process with 128 + its number and "nothing was written"
 (never click's "Aborted!" and exit 1), and once the command has finished, with all
 its outputs in place, a late signal is ignored: the process is already on its way out
-and its exit status tells the truth about a completed command.
+and its exit status tells the truth about a completed command. Before the command, the
+process exits at once (``os._exit``) rather than raising: it has nothing to clean up,
+and an exception raised inside an import can be swallowed by the library being imported
+(or leave it half-imported), so that the command would run on as if no signal had come.
+
+The same can happen to a signal raised during a command, so a swallowed one is raised
+again: ``check()`` before every commit and report, and when the command's block ends.
 
 The registry says what a command has published, so that the message after a signal is
 true: an engine wraps each commit in ``committing(path)``, which holds a signal back
@@ -25,7 +31,9 @@ was not written. Library callers may use both; without ``handled()`` they only r
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,6 +70,7 @@ class _Run:
         self.defer = 0  # depth of committing() blocks: a signal waits for their end
         self.pending: int | None = None
         self.raised = False  # only the first signal raises; clean-up runs undisturbed
+        self.signum: int | None = None  # the signal that raised, for check()
         self.running = False  # inside handled(): unwind the command
         self.done = False  # handled() has ended: a late signal changes nothing
 
@@ -104,6 +113,7 @@ def committing(path: str | Path) -> Iterator[None]:
     that arrives meanwhile is raised as soon as the block ends, so the registry always
     agrees with what is on disk.
     """
+    check()
     run = _run
     run.defer += 1
     try:
@@ -130,6 +140,18 @@ def message(exc: BaseException) -> str:
     return text
 
 
+def check() -> None:
+    """Raise again a signal that arrived during the command and was swallowed on the way.
+
+    Python raises a signal's exception wherever the main thread happens to be; a library
+    that catches everything (some import fallbacks do) can swallow it and carry on. Call
+    this before publishing anything: nothing is published after a signal.
+    """
+    run = _run
+    if run.running and run.raised and run.pending is None and run.signum is not None:
+        _raise(run.signum)
+
+
 def _raise(signum: int) -> None:
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
@@ -140,14 +162,23 @@ def _handler(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
     run = _run
     if run.raised or run.done:
         return  # a second signal while cleaning up, or the command has finished
-    if not run.running:  # before a command (for_process): click would print "Aborted!", exit 1
+    if not run.running:  # before a command (for_process): nothing to clean up, exit now
         run.raised = True
-        raise Terminated(signum)
-    run.raised = True
+        _exit_before_command(signum)
+    run.raised, run.signum = True, signum
     if run.defer:
         run.pending = signum
         return
     _raise(signum)
+
+
+def _exit_before_command(signum: int) -> None:
+    what = Terminated(signum) if signum != signal.SIGINT else KeyboardInterrupt()
+    try:
+        sys.stderr.write(message(what) + "\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(exit_code(what))
 
 
 @contextmanager
@@ -166,7 +197,14 @@ def handled(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP, signal.SI
         return
     previous = _install(signums)
     try:
-        yield
+        try:
+            yield
+        except (KeyboardInterrupt, Terminated):
+            raise
+        except BaseException:
+            check()  # a failure that follows a swallowed signal is reported as the signal
+            raise
+        check()
     finally:
         run.running, run.done = False, True
         for signum, old in previous.items():
@@ -189,4 +227,4 @@ def _install(signums: tuple[int, ...]) -> dict:
     return previous
 
 
-__all__ = ["Terminated", "committed", "committing", "exit_code", "expect", "for_process", "handled", "message", "reset", "written"]
+__all__ = ["Terminated", "check", "committed", "committing", "exit_code", "expect", "for_process", "handled", "message", "reset", "written"]

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from modelgrow.checkpoint.streams import stream_kind
+from modelgrow import signals
 from modelgrow.errors import OutputError
 
 TMP_MARKER = ".modelgrow-tmp-"
@@ -124,6 +125,7 @@ def write_file_atomically(
     failure it is removed and ``path`` is untouched. OS errors become an OutputError
     naming ``path`` and ``what`` (default: the file name), such as "the report".
     """
+    signals.check()  # nothing is published after a signal, even one a library swallowed
     path = Path(path)
     what = what or path.name
     if stream_kind(path) is not None:  # renaming over /dev/stdout or a FIFO replaces the link, not the stream

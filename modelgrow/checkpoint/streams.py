@@ -27,6 +27,7 @@ import stat
 import sys
 from pathlib import Path
 
+from modelgrow import signals
 from modelgrow.errors import OutputError, UsageError
 
 STDOUT = "-"
@@ -85,6 +86,7 @@ def stream_kind(path: str | Path) -> str | None:
 
 def write_stream(path: str | Path, text: str, kind: str, *, what: str) -> None:
     """Write ``text`` into the stream ``path`` names (``kind`` from stream_kind), no temporary file."""
+    signals.check()
     try:
         if kind in ("stdout", "stderr"):
             stream = sys.stdout if kind == "stdout" else sys.stderr
