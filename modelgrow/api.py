@@ -106,7 +106,7 @@ def train(source: PathLike, dest: PathLike, options: TrainOptions | dict[str, An
     source, from_hub = hub.resolve(source)
     state = find_state(where.resume) if where.resume is not None else None  # the step folder actually read
     if state is not None:
-        o = o.resumed(read_state(state))  # its options, unless given again: its data is an input too
+        o = o.resumed(read_state(state), state)  # its options, unless given again: its data is an input too
     data = [*(o.data or ()), *(o.val_data or ())]
     _check_paths(source, where.config, {"-o/--output": dest, "--report": where.report, "--plot": o.plot},
                  report=where.report, plot=o.plot, data=data, tokenizer=o.tokenizer, resume=state)

@@ -13,7 +13,7 @@ from .checkpoint.dtypes import DtypeName
 from .checkpoint.sizes import ShardSize
 from .engine.loop import LoopOptions
 from .engine.schedule import Schedule
-from .errors import UsageError
+from .errors import InputError, UsageError
 from .options import Options, defaults, option
 
 # Options that do not change the trajectory: a resumed run may give other values.
@@ -119,11 +119,12 @@ class TrainOptions(LoopOptions):
             raise UsageError("no training data given", hint="pass --data FILE (text, .npy or .bin ids)")
         return self
 
-    def resumed(self, state: dict) -> TrainOptions:
+    def resumed(self, state: dict, where: Path | None = None) -> TrainOptions:
         """The step folder's options, overridden by those the caller gave (set explicitly).
 
         Relative data paths are taken from the folder the interrupted run started in.
         Whether the given ones may differ is the resume check's business (RESUME_FREE).
+        Stored values that do not validate are bad input in the step folder ``where``.
         """
         stored = state.get("options") or {}
         merged = {k: v for k, v in stored.items() if k in type(self).model_fields and k not in NOT_RESUMED}
@@ -131,12 +132,18 @@ class TrainOptions(LoopOptions):
         if start and Path(start) != Path.cwd():
             for key in RESUMED_PATHS:
                 value = merged.get(key)
-                if isinstance(value, list):
+                if isinstance(value, list) and all(isinstance(v, str) for v in value):
                     merged[key] = [str(Path(start) / v) for v in value]
                 elif isinstance(value, str):
                     merged[key] = str(Path(start) / value)
         merged.update(self.model_dump(include=self.model_fields_set))
-        return type(self).parse(merged)
+        try:
+            return type(self).parse(merged)
+        except UsageError as exc:
+            if where is None:
+                raise
+            raise InputError(f"the step folder's options do not hold: {exc.problem}", path=where,
+                             hint="resume from another step folder, or give the option again") from None
 
     @property
     def warmup_steps(self) -> int:

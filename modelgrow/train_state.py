@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from .card import Recipe, source_label, train_card, write_card
-from .checkpoint import CheckpointWriter, dtypes
+from .checkpoint import CheckpointWriter, dtypes, tagalong
 from .checkpoint.atomic import fsync_path
 from .engine.state import STATE_DIR, STATE_FORMAT, STATE_JSON, STATE_TENSORS, is_step_folder, remove_step_folders
 from .errors import OutputError, UsageError
@@ -94,8 +94,7 @@ def write_dense(writer: CheckpointWriter, source, weights: WeightMap, adapters: 
         writer.copy_file(config, "config.json")
     else:
         writer.write_json("config.json", source.config)
-    for f in source.checkpoint.tagalong_files():
-        writer.copy_file(f)
+    tagalong.write(writer, source.checkpoint.tagalong_found(), source.dims.residual, source.dims.residual)
 
 
 def describe_output(writer: CheckpointWriter, report: dict, source, options: TrainOptions, *, digest: str, dtype: str,
@@ -110,7 +109,24 @@ def describe_output(writer: CheckpointWriter, report: dict, source, options: Tra
 
 def save_step(dest: Path, source, weights: WeightMap, adapters: list[LoRAAdapter], tensors: dict[str, torch.Tensor],
               state: dict, *, max_shard_bytes: int, metadata: dict[str, str], dtype: str = "source") -> None:
-    """Commit a step checkpoint atomically: the dense model, then training_state/."""
+    """Commit a step checkpoint atomically: the dense model, then training_state/.
+
+    The step folders' parent is made here, and removed again if the first step fails
+    (a full disk, a signal): a failed run leaves no empty folder beside its output.
+    """
+    made = not dest.parent.exists()
+    dest.parent.mkdir(exist_ok=True)
+    try:
+        _save_step(dest, source, weights, adapters, tensors, state, max_shard_bytes=max_shard_bytes,
+                   metadata=metadata, dtype=dtype)
+    except BaseException:
+        if made and not any(dest.parent.iterdir()):
+            dest.parent.rmdir()
+        raise
+
+
+def _save_step(dest: Path, source, weights: WeightMap, adapters: list[LoRAAdapter], tensors: dict[str, torch.Tensor],
+               state: dict, *, max_shard_bytes: int, metadata: dict[str, str], dtype: str) -> None:
     with CheckpointWriter(dest, max_shard_bytes=max_shard_bytes, metadata=metadata, overwrite=True) as writer:
         write_dense(writer, source, weights, adapters, dtype)
         staged = writer.finish()

@@ -78,7 +78,7 @@ def train(checkpoint: str | Path, dest: str | Path, options: TrainOptions | dict
     resume_from = step_state.find_state(resume) if resume is not None else None
     state = step_state.read_state(resume_from) if resume_from is not None else None
     if state is not None:
-        opts = opts.resumed(state)  # the step folder's options, unless given again
+        opts = opts.resumed(state, resume_from)  # the step folder's options, unless given again
     opts.require_data()
     dest = Path(dest)
     max_shard_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
@@ -364,7 +364,6 @@ class Trainer:
             "source": str(self.source.path), "source_params": self.source.param_count(), "world_size": self.dist.world,
             "source_identity": self.source_identity(), "cwd": os.getcwd(), "history": history,
         }
-        checkpoints_dir(self.dest).mkdir(exist_ok=True)
         train_state.save_step(folder, self.source, weights, adapters, tensors, state,
                               max_shard_bytes=self.max_shard_bytes, metadata=self.metadata(), dtype=self.dtype)
 

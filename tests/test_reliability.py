@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -360,6 +361,24 @@ def test_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path, models):
     line = assert_one_line(stderr, dest)
     assert "no space left" in line
     assert not dest.exists() and leftovers(tmp_path) == [] and not (tmp_path / "r.json").exists()
+
+
+def test_full_disk_during_a_step_checkpoint_is_exit_5_and_leaves_nothing(tmp_path, models):
+    """train --save-every: the first step folder cannot be written (EFBIG, as a full disk)."""
+    dest, ids = tmp_path / "trained", tmp_path / "ids.npy"
+    np.save(ids, np.random.default_rng(0).integers(0, 96, 3000).astype(np.int32))
+    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+
+    proc = cli("train", models["small"], "-o", dest, "--data", ids, "--steps", "2", "--batch-size", "2",
+               "--seq-len", "16", "--eval-every", "0", "--save-every", "1", preexec_fn=small_disk)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_OUTPUT, stderr
+    assert "no space left" in assert_one_line(stderr, tmp_path / "trained-checkpoints" / "step-1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.npy"]  # no output, no empty step-folder parent
 
 
 # -- concurrency -----------------------------------------------------------------------------------

@@ -407,6 +407,31 @@ def test_resume_refuses_another_source_of_the_same_size(work, interrupted, tmp_p
     assert report["resumed_from"]["step"] == 3
 
 
+@pytest.mark.parametrize("path, value, says", [
+    (("cwd",), 1e-30, "cwd: Input should be a valid string"),
+    (("step",), "3", "step: Input should be a valid integer"),
+    (("history", "restarts"), True, "history.restarts"),
+    (("history", "loss_curve"), [1.0], "one value per step"),
+    (("options", "tokenizer"), [1, 2], "options do not hold"),
+    (("options", "full_rank_steps"), float("nan"), "options do not hold: --full-rank-steps"),
+])
+def test_a_corrupt_state_file_is_bad_input_naming_it(work, interrupted, tmp_path, path, value, says):
+    """state.json is input too: a wrong type or impossible value is exit 3 naming the file, not a crash."""
+    from modelgrow.errors import InputError
+
+    step = shutil.copytree(interrupted, tmp_path / "step-3")
+    state = json.loads((step / STATE_DIR / STATE_JSON).read_text())
+    node = state
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    (step / STATE_DIR / STATE_JSON).write_text(json.dumps(state))
+    with pytest.raises(InputError) as caught:
+        train(work["src"], tmp_path / "out", {}, resume=step, progress=False)
+    assert caught.value.exit_code == 3 and says in str(caught.value) and str(step) in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_resume_takes_the_stored_options_unless_given(work, interrupted, tmp_path):
     """`train SRC -o OUT --resume STEP`: data, lr, seed and steps come from the step folder."""
     from click.testing import CliRunner

@@ -12,9 +12,11 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import safe_open
 
 from ..checkpoint.identity import source_digest, source_identity  # noqa: F401 - where resume and train read them
@@ -25,6 +27,44 @@ STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
 STATE_FORMAT = "modelgrow-train-state"
 STATE_VERSION = 1
+
+
+class _History(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    loss_curve: list[float]
+    lr_curve: list[float]
+    grad_norm_curve: list[float]
+    val_curve: list[Annotated[list[float], Field(min_length=2, max_length=2)]]  # [steps done, loss]
+    restarts: list[dict]
+
+
+class StepState(BaseModel):
+    """state.json's shape: a resume trusts nothing in it that this has not checked.
+
+    A state file is input like any other (copied between machines, edited, truncated), so
+    a wrong type or an impossible value is bad input naming the file, never a crash later.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    format: str
+    version: int
+    step: int = Field(ge=1)
+    options: dict
+    fingerprints: dict[str, str | None]
+    seq_len: int = Field(ge=1)
+    source: str
+    source_params: int = Field(ge=1)
+    world_size: int = Field(ge=1)
+    source_identity: list[dict]
+    cwd: str
+    history: _History
+
+    @model_validator(mode="after")
+    def _curves_match_the_step(self) -> StepState:
+        h = self.history
+        if not len(h.loss_curve) == len(h.lr_curve) == len(h.grad_norm_curve) == self.step:
+            raise ValueError(f"its curves do not hold one value per step done ({self.step})")
+        return self
 
 
 def capture(named: list[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
@@ -93,6 +133,13 @@ def read_state(folder: Path) -> dict:
         raise InputError(f"unreadable training state: {exc}", path=folder / STATE_DIR / STATE_JSON) from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
         raise InputError(f"not a {STATE_FORMAT} v{STATE_VERSION} file", path=folder / STATE_DIR / STATE_JSON)
+    try:
+        StepState.model_validate(state)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(map(str, err["loc"])) or "the file"
+        raise InputError(f"corrupt training state: {where}: {err['msg']}", path=folder / STATE_DIR / STATE_JSON,
+                         hint="resume from another step folder, or start the run again") from None
     if not (folder / STATE_DIR / STATE_TENSORS).is_file():
         raise InputError("training state tensors are missing", path=folder / STATE_DIR / STATE_TENSORS)
     return state
