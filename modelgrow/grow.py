@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from . import plugins, signals
 from .version import __version__
 from .card import Recipe, convert_card, source_label, write_card
-from .checkpoint import CheckpointWriter, dtypes, parse_size
+from .checkpoint import CheckpointWriter, dtypes, parse_size, tagalong
 from .checkpoint.writer import check_target
 from .checkpoint.dtypes import DtypeName
 from .checkpoint.sizes import ShardSize
@@ -170,10 +170,8 @@ def convert(
             _write_tensors(plan, op, writer, allow_nonfinite, progress, dtypes.target_dtype(run.dtype))
             writer.write_json("config.json", dtypes.config_with_dtype(plan.config, run.dtype))
             writer.write_json(GROWTH_MAP, growth_map(plan, op.name, op.learned))
-            for f in source.checkpoint.tagalong_files():
-                writer.copy_file(f)
-            report["tagalong"] = {"copied": [f.name for f in source.checkpoint.tagalong_files()],
-                                  "left_behind": source.checkpoint.skipped_tagalong()}
+            report["tagalong"] = tagalong.write(writer, source.checkpoint.tagalong_found(), plan.old.residual,
+                                                plan.new.residual)
             staged = writer.finish()
             timings["write_s"] = time.perf_counter() - t0
             # A source rewritten while it was read would give a mixed model: say so before
@@ -224,6 +222,10 @@ def _write_tensors(plan: Plan, op, writer: CheckpointWriter, allow_nonfinite: bo
         w = op.tensor(target)
         src = plan.source.stored_name(target.spec, target.source_layer)
         if not allow_nonfinite and w.is_floating_point() and not _all_finite(w):
+            source_w = plan.source.get(target.spec, target.source_layer)
+            if op.learned and (not source_w.is_floating_point() or _all_finite(source_w)):
+                raise UsageError(f"the {op.name} operator grows the finite tensor {src!r} to NaN or Inf values "
+                                 "(its fit diverged)", hint="lower --fit-lr or fit for fewer steps; nothing was written")
             raise InputError(f"tensor {src!r} holds NaN or Inf values", path=plan.source.checkpoint.path,
                              hint="pass --allow-nonfinite to grow it anyway")
         narrowed, w = w.dtype != dtype, w.to(dtype).contiguous()

@@ -217,3 +217,18 @@ def test_fit_options_are_refused_by_analytic_operators_and_checked(tmp_path):
         convert(src, tmp_path / "out", GrowthSpec(width="2x"), operator="ligo",
                 fit_options={"data": [tmp_path], "steps": 1, "seq_len": 64}, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_diverged_fit_is_blamed_on_the_fit_not_the_source(tmp_path):
+    """One step at an absurd rate leaves a finite loss but Inf weights: exit 2 naming the fit."""
+    src = tiny.gpt2(tmp_path / "src")
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.random.default_rng(0).integers(0, 96, 2000).astype(np.int32))
+    result = CliRunner().invoke(main, ["convert", str(src), "-o", str(tmp_path / "out"), "--width", "2x",
+                                       "--operator", "ligo", "--fit-data", str(ids), "--fit-steps", "1",
+                                       "--fit-lr", "1e30", "--fit-warmup", "0", "--fit-seq-len", "16",
+                                       "--fit-batch-size", "2"])
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert "\n" not in line and "its fit diverged" in line and "lower --fit-lr" in line
+    assert not (tmp_path / "out").exists()
