@@ -88,7 +88,8 @@ def check_outputs(inputs: dict[Path, str], outputs: dict[str, Path | None], *, f
 def check_replaceable(path: Path, what: str, kind: str) -> None:
     """A file output: its folder exists, and what is there now is ours to replace."""
     if not path.parent.is_dir():
-        raise OutputError(f"{what}: folder {path.parent} does not exist", path=path)
+        raise OutputError(f"{what}: folder {path.parent} does not exist", path=path,
+                          hint=f"create it first (mkdir -p {path.parent}); nothing was written")
     if path.is_dir():
         raise OutputError(f"{what} is a folder; give a file name", path=path)
     if path.exists() and not written_by_modelgrow(path, kind):

@@ -24,7 +24,8 @@ from .version import __version__
 _HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?")
 _FILE_SUFFIXES = (".safetensors", ".json", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # What a model folder needs here; pickles (.bin, .pt), ONNX and other formats stay on the Hub.
-ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "README.md"]
+ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "README.md", "LICENSE*", "LICENCE*", "NOTICE*",
+                  "COPYING*", "USE_POLICY.md"]
 _TRUE = {"1", "on", "yes", "true"}
 
 

@@ -127,7 +127,7 @@ def test_dry_run_checks_what_the_real_run_checks_and_prints_the_estimate(tmp_pat
 
     cases = [
         (dry("-o", taken), 5, "exists; pass --overwrite"),
-        (dry("-o", tmp_path / "no" / "such"), 5, "does not exist"),
+        (dry("-o", tmp_path / "no" / "such"), 5, f"does not exist (create it first (mkdir -p {tmp_path / 'no'})"),
         (dry("--operator", "ligo"), 2, "needs --fit-data"),
         (dry("--fit-data", ids), 2, "fit options are for learned operators"),
         (dry("--operator", "ligo", "--fit-data", tmp_path / "missing.npy"), 3, "does not exist"),

@@ -66,3 +66,45 @@ def test_plugins_never_load_from_the_current_folder(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "sneaky" not in result.stdout and not (tmp_path / "RAN").exists()
+
+
+def test_licences_policies_and_chat_templates_travel(tmp_path):
+    import torch
+
+    from modelgrow.checkpoint import CheckpointWriter
+
+    src = tmp_path / "src"
+    src.mkdir()
+    carried = ["LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE", "USE_POLICY.md", "chat_template.json",
+               "chat_template.jinja", "LICENSE-MIT", "notice.txt", "tool_use.jinja"]
+    for name in carried:
+        (src / name).write_text(f"text of {name}\n")
+    (src / "README.md").write_text("the card: --keep-card's business\n")
+    (src / "LICENSE.safetensors").write_text("not a licence")
+    (src / "additional_chat_templates").mkdir()
+    (src / "additional_chat_templates" / "rag.jinja").write_text("{{ documents }}")
+    (src / "additional_chat_templates" / "notes.txt").write_text("not a template")
+    (tmp_path / "secret").write_text("hunter2")
+    os.symlink(tmp_path / "secret", src / "COPYING")  # a licence by name, a link out by nature
+    found = tagalong.survey(src)
+    assert list(found.files) == ["chat_template.jinja", "chat_template.json", "LICENSE", "LICENSE.txt", "LICENSE.md",
+                                 "NOTICE", "USE_POLICY.md", "LICENSE-MIT", "notice.txt", "tool_use.jinja",
+                                 "additional_chat_templates/rag.jinja"]
+    assert "outside the source folder" in found.left_behind["COPYING"]
+    assert found.left_behind["additional_chat_templates/notes.txt"] == "not a chat template (*.jinja)"
+    with CheckpointWriter(tmp_path / "out") as writer:
+        writer.add("w", torch.ones(1))
+        section = tagalong.write(writer, found, 32, 64)
+        writer.commit()
+    out = tmp_path / "out"
+    assert section["copied"] == list(found.files) and section["left_behind"] == found.left_behind
+    for rel in section["copied"]:
+        assert (out / rel).read_bytes() == (src / rel).read_bytes() and not (out / rel).is_symlink()
+    assert not (out / "README.md").exists() and not (out / "COPYING").exists()
+    assert not (out / "LICENSE.safetensors").exists()
+    # A folder of templates that is a link out of the source folder is never entered.
+    os.rename(src / "additional_chat_templates", tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", src / "additional_chat_templates")
+    found = tagalong.survey(src)
+    assert "outside the source folder" in found.left_behind["additional_chat_templates/"]
+    assert not any(rel.startswith("additional_chat_templates") for rel in found.files)

@@ -14,6 +14,7 @@ checkpoint/identity.py; never a local path). There is no timestamp or command li
 purpose: the same inputs, options and seed give byte-identical folders, marker included
 (the marker's mtime says when). Loaders ignore the file:
 ``transformers``' ``from_pretrained`` and safetensors read only the names they know.
+An empty folder (a sentence-transformers Normalize module) is listed as ``NAME/``.
 
 ``--overwrite`` replaces a destination only if it is absent, an empty folder, or a
 folder whose marker says modelgrow wrote it and that holds nothing the marker does not
@@ -128,7 +129,7 @@ def _files_under(folder: Path, prefix: str = "") -> list[str]:
     for entry in os.scandir(folder):
         rel = f"{prefix}{entry.name}"
         if entry.is_dir(follow_symlinks=False):
-            files += _files_under(Path(entry.path), f"{rel}/")
+            files += _files_under(Path(entry.path), f"{rel}/") or [f"{rel}/"]
         elif rel != MARKER_NAME:
             files.append(rel)
     return files

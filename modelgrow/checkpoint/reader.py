@@ -26,20 +26,9 @@ CARD_FILE = "README.md"
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
-#: Files a Hugging Face model folder carries beside its weights; copied to the output.
-TAGALONG_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "added_tokens.json",
-    "generation_config.json",
-    "preprocessor_config.json",
-    "chat_template.jinja",
-)
+#: Files a Hugging Face model folder carries beside its weights; copied to the output
+#: (with more: sentence-transformers packaging, templates and licences; checkpoint/tagalong.py).
+TAGALONG_FILES = tagalong.FILES
 
 _CONVERT_HINT = (
     "convert it in an environment you trust: load it there and save it with "
@@ -82,7 +71,7 @@ class Checkpoint:
         tensors: dict[str, TensorInfo],
         metadata: dict[str, str],
         in_model_folder: bool,
-        skipped_tagalong: dict[str, str] | None = None,
+        tagalong_found: tagalong.Found | None = None,
         data_starts: dict[Path, int],
         pins: dict[Path, FileIdentity | None],
     ):
@@ -94,7 +83,7 @@ class Checkpoint:
         self.metadata = metadata
         self._tensors = tensors
         self._in_model_folder = in_model_folder
-        self._skipped = dict(skipped_tagalong or {})
+        self._tagalong = tagalong_found or tagalong.Found(root)
         self._data_starts = data_starts
         self._pins = pins
         self._handles: dict[Path, ShardFile] = {}
@@ -148,13 +137,15 @@ class Checkpoint:
 
     def skipped_tagalong(self) -> dict[str, str]:
         """Tag-along files left behind, with the reason (a link out of the folder, a FIFO, ...)."""
-        return dict(self._skipped)
+        return dict(self._tagalong.left_behind)
 
     def tagalong_files(self) -> list[Path]:
         """Tokenizer and similar files to copy beside the grown weights (those there when opened)."""
-        if not self._in_model_folder:
-            return []
-        return [self.root / name for name in TAGALONG_FILES if self._pins.get(self.root / name) is not None]
+        return list(self._tagalong.files.values())
+
+    def tagalong_found(self) -> tagalong.Found:
+        """What travels with the weights, as found when opened (tagalong.write copies it)."""
+        return self._tagalong
 
     def card_file(self) -> tuple[Path | None, str | None]:
         """The source's model card (README.md) if it could be copied as a tag-along file is:
@@ -223,14 +214,8 @@ def _open_checkpoint(given: Path, config_path: str | Path | None) -> Checkpoint:
     # Tag-along files only make sense when the weights sit in a model folder with their
     # config; a loose file paired with a config from elsewhere has no tokenizer of its own.
     in_model_folder = given.is_dir() or config_file.resolve() == default_config.resolve()
-    skipped: dict[str, str] = {}
-    if in_model_folder:
-        for name in TAGALONG_FILES:
-            real, why = tagalong.vet(root, name)
-            if real is not None:
-                pins[root / name] = identity(real)
-            elif why is not None:
-                skipped[name] = why
+    found = tagalong.survey(root) if in_model_folder else None
+    pins.update(found.pins if found else {})
     return Checkpoint(
         path=given,
         root=root,
@@ -240,7 +225,7 @@ def _open_checkpoint(given: Path, config_path: str | Path | None) -> Checkpoint:
         tensors=tensors,
         metadata=metadata,
         in_model_folder=in_model_folder,
-        skipped_tagalong=skipped,
+        tagalong_found=found,
         data_starts=data_starts,
         pins=pins,
     )

@@ -149,33 +149,43 @@ class CheckpointWriter:
         """Write a UTF-8 text side file (the model card, ...) as given; allowed until commit()."""
         self._require_open()
         self._check_side_file_name(filename)
-        path = self._tmp / filename
+        path = self._side_path(filename)
         with output_errors(path, self.dest):
             path.write_bytes(text.encode("utf-8"))
             self._record(filename)
 
     def _write_json(self, filename: str, obj: object) -> None:
         text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
-        path = self._tmp / filename
+        path = self._side_path(filename)
         with output_errors(path, self.dest):
             path.write_bytes((text + "\n").encode("utf-8"))
             self._record(filename)
 
-    def copy_file(self, src: str | Path, name: str | None = None) -> None:
-        """Copy a tag-along file (tokenizer, generation config, ...) into the checkpoint."""
+    def copy_file(self, src: str | Path, name: str | None = None, *, root: str | Path | None = None) -> None:
+        """Copy a tag-along file (tokenizer, generation config, ...) into the checkpoint as
+        ``name`` (a relative path: its folders are made). ``root``: the source folder
+        ``src`` must lie in (default: its own folder)."""
         self._require_open()
         src = Path(src)
         name = name or src.name
         self._check_side_file_name(name)
-        path = self._tmp / name
+        path = self._side_path(name)
+        base = src.parent if root is None else Path(root)
         with output_errors(path, self.dest):
             # Content only, from a regular file reached without a final link, under a cap:
             # no timestamps or modes carried over (modelgrow.checkpoint.tagalong).
-            real, why = vet(src.parent, src.name)  # again: the folder may have changed since it was opened
+            real, why = vet(base, src.relative_to(base).as_posix())  # again: the folder may have changed since
             if real is None:
                 raise InputError(f"cannot copy: {why or 'it is gone'}", path=src)
             copy_regular(real, path)
             self._record(name)
+
+    def make_folder(self, name: str) -> None:
+        """Make the folder ``name`` (a relative path), empty unless files go in; the marker lists an empty one."""
+        self._require_open()
+        self._check_side_file_name(name)
+        with output_errors(self._tmp / name, self.dest):
+            self._side_path(name).mkdir(exist_ok=True)
 
     # -- committing --------------------------------------------------------------------
 
@@ -288,13 +298,21 @@ class CheckpointWriter:
                 self._hasher.shutdown(wait=True, cancel_futures=True)
                 self._hasher = None
 
+    def _side_path(self, name: str) -> Path:
+        """Where the side file ``name`` goes in the staged folder, its folders made."""
+        path = self._tmp / name
+        if "/" in name:
+            with output_errors(path.parent, self.dest):
+                path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
     def _record(self, name: str) -> None:
         """fsync a finished file and remember its size and sha256 for the caller."""
         self._written[name] = hash_and_fsync(self._tmp / name)
 
     def _check_side_file_name(self, name: str) -> None:
-        if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", ".."):
-            raise ValueError(f"side file name must be a plain file name, got {name!r}")
+        if not isinstance(name, str) or "\\" in name or any(p in ("", ".", "..") for p in name.split("/")):
+            raise ValueError(f"side file name must be a plain file name or a relative path of them, got {name!r}")
         if name.endswith(".safetensors") or name == INDEX_FILE:
             raise ValueError(f"{name!r} is reserved for the weights the writer produces")
         if name in self._written:
@@ -329,7 +347,8 @@ def _check_folder_name(dest: Path) -> None:
     if not dest.name or dest.name in (".", ".."):
         raise OutputError("is not a usable destination folder name", path=dest)
     if not dest.parent.is_dir():
-        raise OutputError(f"parent folder {dest.parent} does not exist", path=dest)
+        raise OutputError(f"parent folder {dest.parent} does not exist", path=dest,
+                          hint=f"create it first (mkdir -p {dest.parent}); nothing was written")
 
 
 def _check_existing(dest: Path, overwrite: bool) -> None:
