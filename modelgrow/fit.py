@@ -139,7 +139,7 @@ class Fit:
                                   bin_dtype=options.bin_dtype)
             self.data.require(self.seq_len)
             self.data.check_eval(options.eval_batches, options.batch_size, self.seq_len, "the fit's eval_batches", "the fit data")
-        mask_id = mask_token_id(options.mask_token_id, self.tokenizer, "fit") if self.task == "masked_lm" else None
+        mask_id = mask_token_id(options.mask_token_id, self.tokenizer, "fit", plan.new.vocab) if self.task == "masked_lm" else None
         self.objective = LMObjective(self.task, plan.new.vocab, mask_id, options.mask_rate,
                                      count_all=options.objective == "distill")
 

@@ -173,7 +173,7 @@ class Trainer:
                                     hint="give more --val-data or a smaller --seq-len")
         if self.val_data is not None:  # the scored windows are built up front: bounded by what the data holds
             self.val_data.check_eval(o.eval_batches, o.batch_size, self.seq_len, "--eval-batches", "the validation data")
-        mask_id = mask_token_id(o.mask_token_id, self.tokenizer, "train") if self.task == "masked_lm" else None
+        mask_id = mask_token_id(o.mask_token_id, self.tokenizer, "train", vocab) if self.task == "masked_lm" else None
         self.objective = LMObjective(self.task, vocab, mask_id, o.mask_rate)
 
     def fingerprints(self) -> dict:

@@ -138,6 +138,18 @@ def test_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_a_mask_id_outside_the_vocabulary_is_refused_before_training(tmp_path):
+    """An id past the embedding's end would crash the lookup: refused up front, naming the value."""
+    src = tiny.bert(tmp_path / "bert")
+    data = _ids(tmp_path / "ids.npy")
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    for bad in (vocab, 10**6):
+        with pytest.raises(UsageError, match=f"mask token id {bad} is not one of the model's {vocab} token ids"):
+            train(src, tmp_path / "out", dict(data=[str(data)], steps=2, batch_size=2, seq_len=16, mask_token_id=bad,
+                                              device="cpu"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_masked_lm_trains_full_rank_and_relora(tmp_path):
     src = tiny.bert(tmp_path / "bert")
     data = _ids(tmp_path / "ids.npy")

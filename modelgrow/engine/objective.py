@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import corpus
-from ..errors import UsageError
+from ..errors import InputError, UsageError
 from .distributed import Dist
 
 LM_TASKS = ("causal_lm", "masked_lm")
@@ -54,16 +54,23 @@ def load_data(paths, *, vocab: int, config: dict, tokenizer: str | None, bin_dty
                               separator=eos if isinstance(eos, int) else None, bin_dtype=bin_dtype)
 
 
-def mask_token_id(explicit: int | None, tokenizer: str | None, what: str) -> int:
+def mask_token_id(explicit: int | None, tokenizer: str | None, what: str, vocab: int) -> int:
     """The masked-LM mask id: given, or looked up in the tokenizer ([MASK] or <mask>).
-    ``what`` is the pass asking ("fit" or "train"), for the message."""
+    ``what`` is the pass asking ("fit" or "train"), for the message; the id must be one
+    of the model's ``vocab`` ids (an embedding lookup past the end is a crash, not a loss)."""
     if explicit is not None:
+        if not 0 <= int(explicit) < vocab:
+            raise UsageError(f"the mask token id {explicit} is not one of the model's {vocab} token ids",
+                             hint=f"give an id in [0, {vocab})")
         return int(explicit)
     if tokenizer:
         tok = corpus.load_tokenizer(tokenizer, tokenizer)
         for name in MASK_TOKENS:
             found = tok.token_to_id(name)
             if found is not None:
+                if not 0 <= int(found) < vocab:
+                    raise InputError(f"the tokenizer's {name} is id {found}, outside the model's {vocab} token ids",
+                                     path=tokenizer, hint="use the tokenizer the model was trained with")
                 return int(found)
     doing = {"fit": "fitting", "train": "training"}.get(what, what)
     raise UsageError(f"masked-LM {doing} needs the mask token's id, and the tokenizer has no [MASK]/<mask>",
