@@ -1,4 +1,5 @@
-"""Token data for fitting and training: text, pre-tokenised ``.npy`` or raw ``.bin`` ids.
+"""Token data for fitting and training: text, ``.jsonl`` documents, pre-tokenised ``.npy``
+or raw ``.bin`` ids (text is tokenised in bounded memory and time by ``tokenising``).
 
 Every problem with the data (missing, unreadable, empty, too short, ids outside the
 model's vocabulary) is an InputError raised while loading, i.e. before any optimiser
@@ -17,13 +18,15 @@ import numpy as np
 import torch
 
 from .errors import InputError, UsageError
+# load_tokenizer is used from here too (engine/objective.py): it lives with the tokenising.
+from .tokenising import (UINT16_VOCAB, Encoder, IdBuffer, check_text_head, id_dtype, load_tokenizer, require_regular,
+                         tokenise_file)
 
 TOKENIZER_FILE = "tokenizer.json"
-# ids above 2**16 cannot be stored in uint16: raw .bin files of larger vocabularies are
-# uint32 (the nanoGPT convention: one dtype fixed by the vocabulary size).
-UINT16_VOCAB = 1 << 16
+JSONL_FIELD = "text"  # the field of a .jsonl line's object that holds the document
 # Validate huge memory-mapped id files in slices, never all in memory at once.
 _SCAN = 1 << 24
+_NPY_MAGIC = b"\x93NUMPY"
 # Held-out batches allowed whatever the data holds (windows may then overlap): the
 # defaults (8 for train, 4 for a fit) always pass, even on a few hundred tokens.
 EVAL_BATCHES_ANYWAY = 64
@@ -74,11 +77,18 @@ def load_tokens(
     tokenizer: str | Path | None = None,
     separator: int | None = None,
     bin_dtype: str | None = None,
+    text_field: str = JSONL_FIELD,
 ) -> TokenData:
     """Read and check every file; text goes through ``tokenizer`` (a tokenizer.json).
 
     ``separator`` (usually the end-of-text id) is put between documents so windows that
-    cross a file boundary see a boundary marker rather than a silent splice.
+    cross a file boundary see a boundary marker rather than a silent splice; each line of
+    a ``.jsonl`` file is a document whose text is its ``text_field``.
+
+    Text is read and tokenised in bounded chunks (see ``tokenising``): peak memory is the
+    id array (2 bytes a token up to 65,536 ids, else 4) plus one chunk's worth, about
+    160 MB at most, whatever the file's size. One ``.npy`` or ``.bin`` file is used as a
+    memory map, never read whole; several files are joined into one such id array.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -86,34 +96,31 @@ def load_tokens(
         raise InputError("no fit data given", hint="pass --fit-data FILE")
     if separator is not None and not 0 <= separator < vocab:
         separator = None  # a config's eos id outside the vocabulary is no use as a marker
-    tok = None
-    parts: list[np.ndarray] = []
-    sources: list[dict] = []
-    for raw in paths:
-        path = Path(raw)
-        if not path.exists():
-            raise InputError("data file does not exist", path=path)
-        if not path.is_file():
-            raise InputError("data path is not a file", path=path)
-        suffix = path.suffix.lower()
-        if suffix == ".npy":
-            ids, fmt = _read_npy(path), "npy"
-        elif suffix == ".bin":
-            ids, fmt = _read_bin(path, vocab, bin_dtype), "bin"
+    files = [_data_file(raw) for raw in paths]  # every path's own problems before any long tokenising
+    if len(files) == 1 and _format(files[0]) in ("npy", "bin"):
+        ids, source = _read_ids(files[0], vocab, bin_dtype)
+        return TokenData(ids, vocab, [source], None)
+    out = IdBuffer(id_dtype(vocab), sum(_estimate(path) for path in files) + len(files))
+    encoder, sources = None, []
+    for path in files:
+        if sources and separator is not None:
+            out.append([separator])
+        fmt, start = _format(path), len(out)
+        if fmt in ("npy", "bin"):
+            ids, _ = _read_ids(path, vocab, bin_dtype)
+            for at in range(0, ids.shape[0], _SCAN):  # a memory map copied in slices, never whole
+                out.append(ids[at:at + _SCAN])
         else:
-            text = _read_text(path)  # the file's own problems first, then the tokenizer's
-            if tok is None:
-                tok = load_tokenizer(tokenizer, path)
-            ids, fmt = _encode(text, tok), "text"
-        if ids.shape[0] == 0:
-            raise InputError("data file is empty" if fmt != "text" else "text file tokenises to no tokens", path=path)
-        _check_ids(ids, vocab, path)
-        if parts and separator is not None:
-            parts.append(np.array([separator], dtype=np.int64))
-        parts.append(ids)
-        sources.append({"path": str(path), "format": fmt, "tokens": int(ids.shape[0])})
-    tokens = parts[0] if len(parts) == 1 else np.concatenate([p.astype(np.int64, copy=False) for p in parts])
-    return TokenData(tokens, vocab, sources, str(tokenizer) if tok is not None else None)
+            if path.stat().st_size == 0:
+                raise InputError("text file is empty", path=path)
+            check_text_head(path)  # the file's own problems first, then the tokenizer's
+            if encoder is None:
+                encoder = Encoder(load_tokenizer(tokenizer, path), tokenizer)
+            field = text_field if fmt == "jsonl" else None
+            if not tokenise_file(path, encoder, out, vocab=vocab, separator=separator, text_field=field):
+                raise InputError("text file tokenises to no tokens", path=path)
+        sources.append({"path": str(path), "format": fmt, "tokens": len(out) - start})
+    return TokenData(out.array(), vocab, sources, str(tokenizer) if encoder is not None else None)
 
 
 def default_tokenizer(checkpoint_root: str | Path | None) -> Path | None:
@@ -125,50 +132,47 @@ def default_tokenizer(checkpoint_root: str | Path | None) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def load_tokenizer(path: str | Path | None, data: Path):
-    if path is None:
-        raise InputError(
-            "is text, but there is no tokenizer.json beside the checkpoint",
-            path=data,
-            hint="pass --tokenizer PATH/tokenizer.json, or give pre-tokenised .npy/.bin ids",
-        )
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("tokenizer file does not exist", path=path)
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
-        raise InputError(f"not a usable tokenizer.json: {exc}", path=path) from None
+def _data_file(raw: str | Path) -> Path:
+    path = Path(raw)
+    if not path.exists():
+        raise InputError("data file does not exist", path=path)
+    require_regular(path)
+    return path
 
 
-def _read_text(path: Path) -> str:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"is not UTF-8 text ({exc.reason} at byte {exc.start})", path=path, hint="give .npy/.bin token ids for binary data") from None
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror or exc}", path=path) from None
-    if not text:
-        raise InputError("text file is empty", path=path)
-    return text
+def _format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    return {".npy": "npy", ".bin": "bin", ".jsonl": "jsonl"}.get(suffix, "text")
 
 
-def _encode(text: str, tok) -> np.ndarray:
-    # Tokenise in line-aligned chunks: one multi-megabyte string is slow and memory-hungry
-    # in BPE, and a line break is a natural split point for any pre-tokeniser.
-    chunks, start, size = [], 0, 1 << 20
-    while start < len(text):
-        end = text.find("\n", start + size)
-        end = len(text) if end < 0 else end + 1
-        chunks.append(text[start:end])
-        start = end
-    ids = [np.asarray(e.ids, dtype=np.int64) for e in tok.encode_batch(chunks, add_special_tokens=False)]
-    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+def _estimate(path: Path) -> int:
+    """Ids a file is likely to give: its count for ids, its bytes for text (a byte-level
+    tokenizer's count, an upper bound for most). Only pages written to cost memory."""
+    size = path.stat().st_size
+    return size // 2 if _format(path) in ("npy", "bin") else size
+
+
+def _read_ids(path: Path, vocab: int, bin_dtype: str | None) -> tuple[np.ndarray, dict]:
+    fmt = _format(path)
+    ids = _read_npy(path) if fmt == "npy" else _read_bin(path, vocab, bin_dtype)
+    if ids.shape[0] == 0:
+        raise InputError("data file is empty", path=path)
+    _check_ids(ids, vocab, path)
+    return ids, {"path": str(path), "format": fmt, "tokens": int(ids.shape[0])}
 
 
 def _read_npy(path: Path) -> np.ndarray:
+    # np.load picks the format by the file's first bytes, whatever its name: check them
+    # first, so an .npz or a pickle named .npy is bad input (and pickles are never loaded).
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(_NPY_MAGIC))
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror or exc}", path=path) from None
+    if magic.startswith(b"PK"):
+        raise InputError("is an .npz (zip) archive, not a .npy array", path=path, hint="save the ids with numpy.save")
+    if magic != _NPY_MAGIC:
+        raise InputError("is not a .npy array (no .npy header; pickled data is never loaded)", path=path)
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
@@ -179,6 +183,8 @@ def _read_npy(path: Path) -> np.ndarray:
 
 
 def _read_bin(path: Path, vocab: int, dtype: str | None) -> np.ndarray:
+    # ids above 2**16 cannot be stored in uint16: raw .bin files of larger vocabularies are
+    # uint32 (the nanoGPT convention: one dtype fixed by the vocabulary size).
     dt = np.dtype(dtype or ("uint16" if vocab <= UINT16_VOCAB else "uint32"))
     size = path.stat().st_size
     if size % dt.itemsize:
