@@ -53,7 +53,8 @@ def handle_errors(fn):
             if os.environ.get("MODELGROW_DEBUG"):
                 traceback.print_exc()
             click.echo(
-                f"internal error: {type(err).__name__}: {err} (a modelgrow bug; set MODELGROW_DEBUG=1 for the traceback)",
+                f"internal error: {type(err).__name__}: {' '.join(str(err).split())[:500]} "
+                "(a modelgrow bug; set MODELGROW_DEBUG=1 for the traceback)",
                 err=True,
             )
             sys.exit(EXIT_INTERNAL)

@@ -14,7 +14,8 @@ import torch
 from . import plugins
 from .architecture import Architecture
 from .checkpoint import Checkpoint, open_checkpoint
-from .errors import CheckpointError
+from .config_check import check_config
+from .errors import CheckpointError, InputError
 from .layout import EXPERT, Dims, Layout, TensorSpec
 
 
@@ -33,6 +34,7 @@ class SourceModel:
         self.arch = arch
         self.layout: Layout = arch.layout
         self.config = checkpoint.config
+        check_config(self.config, checkpoint.config_path or checkpoint.path, arch)  # every value, before any module
         problem = arch.config_problem(self.config)
         if problem:
             raise CheckpointError(problem, path=checkpoint.config_path or checkpoint.path)
@@ -192,7 +194,10 @@ def open_source(path: str | Path, config_path: str | Path | None = None) -> Sour
 
 def load_module(source: SourceModel) -> torch.nn.Module:
     """Build the architecture's module for this checkpoint and load its weights (fp32)."""
-    module = source.arch.build_module(source.config)
+    try:
+        module = source.arch.build_module(source.config)
+    except InputError as err:  # a config transformers refuses: name the file
+        raise err.located(source.checkpoint.config_path or source.path) from None
     tensors = {
         source.stored_name(b.spec, b.layer): source.checkpoint.get(b.name).float()
         for b in source.bound()

@@ -14,6 +14,7 @@ from functools import cached_property
 import torch
 
 from ..architecture import Architecture
+from ..config_check import build_error, first_line, rope_problem
 from ..errors import UsageError
 from ..layout import template_regex
 
@@ -93,10 +94,10 @@ class HFArchitecture(Architecture):
             # building the module (verify, fit, export) will say what is missing.
             return None
         try:
-            self.hf_config(config)
+            hf_config = self.hf_config(config)
         except Exception as exc:  # noqa: BLE001 - transformers' validators raise many types
-            return f"transformers refuses the config: {exc}"
-        return None
+            return f"transformers refuses the config: {first_line(exc)}"
+        return rope_problem(hf_config)  # what transformers checks only when it builds the module
 
     def derived_config_value(self, config: dict, key: str):
         # transformers fills some keys in from others (Gemma 3's layer_types from its
@@ -117,7 +118,10 @@ class HFArchitecture(Architecture):
             hf_config._experts_implementation = "eager"  # a loop over experts: exportable, no grouped kernels
         cls = getattr(transformers, self.class_name(config))
         with torch.device("cpu"):
-            module = cls(hf_config)
+            try:
+                module = cls(hf_config)
+            except Exception as exc:  # noqa: BLE001 - a value transformers or torch refuses: bad input, one line
+                raise build_error(cls.__name__, exc) from None
         return module.float().eval()
 
     def optional_in_module(self, key: str) -> bool:
