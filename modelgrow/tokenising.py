@@ -27,7 +27,8 @@ one piece, so a tokenizer that is slow on everything is refused within seconds. 
 cannot be stopped mid-call: the budget is checked per batch, and the worker (a daemon
 thread) is left to finish its batch in the background; the command exits at once. A
 Rust panic in the tokenizer (``pyo3_runtime.PanicException``, a BaseException) is bad
-input too, never a traceback.
+input too, never a traceback; Rust's own report of it (written straight to descriptor 2)
+is held back while the batch runs and dropped, so the one-line error is all one sees.
 """
 
 from __future__ import annotations
@@ -37,9 +38,12 @@ import json
 import os
 import re
 import stat
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +160,9 @@ class Encoder:
         def work():
             return [np.array(e.ids, dtype=np.uint32) for e in self._encode(pieces, add_special_tokens=False)]
 
-        late, value, error = _within(allowed, work)
+        with _stderr_held() as held:
+            late, value, error = _within(allowed, work)
+            held["drop"] = error is not None and is_panic(error)
         if error is not None:
             raise self._failure(error, data) from None
         if late:
@@ -174,6 +180,30 @@ class Encoder:
         what = "crashed (Rust panic)" if is_panic(error) else "failed"
         return InputError(f"tokenizer {what} on {data}: {_first_line(error)}", path=self.path,
                           hint="fix this tokenizer.json, pass another --tokenizer or give pre-tokenised .npy/.bin ids")
+
+
+@contextmanager
+def _stderr_held():
+    """Hold file descriptor 2 in a temporary file; pass its text on unless told to drop it."""
+    box = {"drop": False}
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no descriptor 2 (an embedding application)
+        yield box
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield box
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            text = held.read()
+            if text and not box["drop"]:
+                os.write(2, text)
 
 
 def _within(seconds: float, work):
