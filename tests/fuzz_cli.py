@@ -361,8 +361,8 @@ def classify(code: int | None, stderr: str, exc: BaseException | None, elapsed: 
     if code == 0:
         return None
     lines = [ln for ln in stderr.splitlines() if ln.strip() and "it/s]" not in ln and "s/it]" not in ln]
-    if code == 2 and any(ln.startswith("Usage:") for ln in lines):
-        return None  # click's own usage block
+    if code == 2 and (any(ln.startswith("Usage:") for ln in lines) or (len(lines) == 1 and lines[0].startswith("Error: "))):
+        return None  # click's own usage error, with or without its usage block
     if code in (2, 3, 5) and len(lines) == 1 and lines[0].startswith("error: "):
         return None
     if code == 1:
