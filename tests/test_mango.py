@@ -7,6 +7,10 @@
   the promise says exact (GPT-2, Llama with GQA, BERT, pre-LN 1.5x with padding), and
   at rank 1 with identity depth growth the inserted blocks start all zero, readers too
   (rank 1 cannot zero the writers alone; still exact, and the promise says so);
+- the default rank (auto) is the smallest whose start is the copy operator's: one
+  below it is not, for width-only, identity-depth, padded and GQA growths; the plan,
+  the report and the pre-flight use it, an explicit --rank is honoured, and auto
+  writes the same bytes as the same rank given;
 - exact symmetry-breaking noise keeps the function (verify, run by transformers);
 - a short fit on the demo lowers the fit-window loss, from exactly the copy loss;
 - gpt2 / llama (GQA) / bert / vit grow with the right shapes and load in transformers;
@@ -32,7 +36,9 @@ from modelgrow.demo import demo_checkpoint
 from modelgrow.errors import UsageError
 from modelgrow.grow import convert
 from modelgrow.operators.copy import CopyOperator
+from modelgrow.operators import mango_rank as mango_module
 from modelgrow.operators.mango import MangoOperator
+from modelgrow.operators.mango_rank import ring_sizes
 from modelgrow.operators.tensor_ring import RING, cheapest_order, contract, contraction_cost, contraction_orders, full_map
 from modelgrow.plan import GrowthSpec, make_plan
 from modelgrow.source import open_source
@@ -123,7 +129,7 @@ INIT_CASES = [
     ("gpt2-modules", lambda d: tiny.gpt2(d, tie=False), GrowthSpec(width="2x", depth="2x"), {"rank": 2, "slot_grouping": "modules"}),
     ("gpt2-pad", lambda d: tiny.gpt2(d), GrowthSpec(width="1.5x", depth="3"), {"rank": 4, "ring_residual": "tied"}),
     ("llama-gqa", lambda d: tiny.llama(d, bias=True), GrowthSpec(width="2x", depth="2x"), {"rank": 4, "ring_init": "echo"}),
-    ("llama-gqa-pad", lambda d: tiny.llama(d, tie=True), GrowthSpec(width="1.5x", depth="3"), {"rank": 5}),
+    ("llama-gqa-pad", lambda d: tiny.llama(d, tie=True), GrowthSpec(width="1.5x", depth="3"), {"rank": 3}),
     ("bert", lambda d: tiny.bert(d), GrowthSpec(width="2x", depth="3"), {"rank": 2}),
 ]
 
@@ -161,9 +167,100 @@ def test_rank_one_zeroes_inserted_blocks_exactly_and_says_so(tmp_path):
 
 def test_too_small_a_rank_falls_back_and_names_the_rank_needed(tmp_path):
     with open_source(tiny.llama(tmp_path / "src")) as source:
-        mango = MangoOperator(make_plan(source, GrowthSpec(width="1.5x", depth="3")), rank=4)
+        plan = make_plan(source, GrowthSpec(width="1.5x", depth="3"))
+        mango = MangoOperator(plan, rank=2)
         promise = mango.promise()
-        assert mango.inexact_roles and not promise.exact and any("--rank 5" in n for n in promise.notes)
+        assert mango.inexact_roles and not promise.exact and any("--rank 3" in n for n in promise.notes)
+        # A role whose copy map does not factor (a 3x FFN under a 2x width) is inexact at
+        # every rank: auto adds no channel for it, and says so.
+        auto = MangoOperator(make_plan(source, GrowthSpec(width="2x", ffn="3x")))
+        assert auto.rank == 1 and auto.inexact_roles and not auto.promise().exact
+        note = "rank 1 (auto: every ring channel the copy start can use here; no rank starts exactly)"
+        assert note in auto.promise().notes
+
+
+# (id, source, growth, auto rank). At rank - 1 the start is no longer the copy
+# operator's: a role falls back to the shared map, or (rank 1) the identity blocks start
+# all zero, readers too.
+AUTO_CASES = [
+    ("width-only", lambda d: tiny.gpt2(d), GrowthSpec(width="2x"), 1),
+    ("width+depth identity", lambda d: tiny.gpt2(d), GrowthSpec(width="2x", depth="2x"), 2),
+    ("llama width+depth identity", lambda d: tiny.llama(d), GrowthSpec(width="2x", depth="2x"), 2),  # no biases
+    ("residual padding 1.5x + depth", lambda d: tiny.gpt2(d), GrowthSpec(width="1.5x", depth="3"), 2),
+    ("gqa residual padding 1.5x", lambda d: tiny.llama(d, tie=True), GrowthSpec(width="1.5x", depth="3"), 3),
+    ("kv ratio unlike the width", lambda d: tiny.llama(d), GrowthSpec(width="2x", kv_heads="4x"), 2),
+]
+
+
+def _starts_at_copy(plan, mango: MangoOperator) -> bool:
+    copy = CopyOperator(plan, noise=0.0)
+    return all(torch.allclose(a := copy.tensor(t), mango.tensor(t), rtol=0, atol=1e-6 * max(1.0, a.abs().max().item()))
+               for t in plan.targets)
+
+
+@pytest.mark.parametrize("maker,spec,rank", [c[1:] for c in AUTO_CASES], ids=[c[0] for c in AUTO_CASES])
+def test_the_auto_rank_is_the_smallest_that_starts_at_the_copy_solution(tmp_path, maker, spec, rank):
+    with open_source(maker(tmp_path / "src")) as source:
+        plan = make_plan(source, spec)
+        auto = MangoOperator(plan, noise=0.0)
+        assert auto.rank == rank and auto.rank_auto and len(auto.channels) == rank
+        assert not auto.inexact_roles and not auto.depth_fallback and _starts_at_copy(plan, auto)
+        promise = auto.promise()
+        assert promise.exact == plan.promise.exact
+        assert any(n.startswith(f"rank {rank} (auto: the smallest with ") for n in promise.notes), promise.notes
+        assert auto.describe_options()["rank"] == rank and auto.describe_options()["rank_choice"] == "auto"
+        if rank > 1:
+            below = MangoOperator(plan, noise=0.0, rank=rank - 1)
+            assert below.inexact_roles or below.depth_fallback
+            assert not _starts_at_copy(plan, below)
+        # The pre-flight counts the same rank from the dims (identity blocks when deeper),
+        # laid out or, past the layout's size limit, as an upper bound.
+        assert ring_sizes(source, plan.new, {})[0] == rank
+        held = sum(t.numel() for t in auto.params.values())
+        assert held <= MangoOperator.state_params(source, plan.new, {}) <= held * 1.01
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mango_module, "PREFLIGHT_LAYOUT_UNITS", 0)
+        with open_source(tmp_path / "src") as source:
+            assert ring_sizes(source, plan.new, {})[0] >= rank
+
+
+def test_auto_rank_keeps_the_function_in_transformers_and_the_report_says_why(tmp_path):
+    src = tiny.gpt2(tmp_path / "src")
+    spec = GrowthSpec(width="1.5x", depth="3")  # residual padding and identity blocks: 2 channels
+    report = convert(src, tmp_path / "out", spec, operator="mango", fit_options={"steps": 0}, verify=True,
+                     progress=False)
+    options, notes = report["operator"]["options"], report["promise"]["notes"]
+    assert options["rank"] == 2 and options["rank_choice"] == "auto" and len(options["channels"]) == 2
+    assert report["promise"]["exact"] and report["verify"]["passed"]
+    assert ("rank 2 (auto: the smallest with an exact start here: 2 ring channels, as identity blocks zero their "
+            "residual writers alone and residual needs its own unit map; --rank sets another)") in notes
+    gap, _ = tiny.logits_gap(transformers.GPT2LMHeadModel, src, tmp_path / "out", vocab=96)
+    assert gap < 1e-4
+    # The printed plan states it; the help says what auto picks.
+    result = CliRunner().invoke(main, ["convert", str(src), "--width", "2x", "--depth", "2x", "--operator", "mango",
+                                       "--fit-steps", "0", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "rank 2 (auto: the smallest with an exact start here: 2 ring channels, as identity blocks" in result.output
+    help_text = " ".join(CliRunner().invoke(main, ["convert", "--help"]).output.split())
+    assert "--rank INTEGER mango: Ring rank of the tensor-ring operator [default: auto: the smallest rank" in help_text
+
+
+def test_an_explicit_rank_is_honoured_and_auto_writes_the_bytes_of_the_same_rank_given(tmp_path):
+    with open_source(tiny.llama(tmp_path / "src", bias=True)) as source:
+        plan = make_plan(source, GrowthSpec(width="2x", depth="2x"))
+        given = MangoOperator(plan, noise=0.0, rank=3)
+        assert given.rank == 3 and not given.rank_auto and given.params["ring.B"].shape[0] == 3
+        assert given.describe_options()["rank"] == 3 and given.describe_options()["rank_choice"] == "given"
+        assert not any("auto" in n for n in given.promise().notes) and _starts_at_copy(plan, given)
+        assert ring_sizes(source, plan.new, {"rank": 3})[0] == 3
+        # Determinism: auto (2 here) is the same operator as --rank 2, noise and all, run after run.
+        auto, again, two = (MangoOperator(plan, **o) for o in ({}, {}, {"rank": 2}))
+        assert auto.rank == 2
+        for t in plan.targets:
+            a = auto.tensor(t)
+            assert torch.equal(a, again.tensor(t)) and torch.equal(a, two.tensor(t)), t.name
+        assert {k: v for k, v in auto.describe_options().items() if k != "rank_choice"} == \
+            {k: v for k, v in two.describe_options().items() if k != "rank_choice"}
 
 
 def test_exact_noise_keeps_the_function_and_plain_noise_does_not(tmp_path):

@@ -13,13 +13,13 @@ the options and the measurements. The pieces live in:
 - operators/tensor_ring.py: the ring algebra (contraction orders, costs, ``contract``);
 - operators/slots.py: the stacked tensor's geometry (slots, read-back of target units);
 - operators/ring_init.py: the starting channels, cores and symmetry-breaking noise;
+- operators/mango_rank.py: which tensors the ring holds, the auto rank and its pre-flight count;
 - operators/expansions.py: the copy-initialised recipes shared with LiGO.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Annotated, Literal
 
 import torch
@@ -28,24 +28,28 @@ from pydantic import Field
 from ..errors import UsageError
 from ..options import option
 from ..hookspecs import hookimpl
-from ..layout import GROWABLE_ROLES, TensorSpec
+from ..layout import TensorSpec
 from ..plan import TargetTensor
 from .base import NoiseOptions
 from .adjust import adjustment
 from .expansions import apply_recipe, build_recipe, copy_matrix, perturb_expansion
 from .learned import LearnedOperator, operator_seed
-from .ring_init import add_ring_noise, copy_cores, plan_channels
+from .mango_rank import MAX_RANK, auto_note, in_ring, ring_sizes
+from .ring_init import add_ring_noise, copy_cores, exact_rank, plan_channels
 from .slots import lay_out, read_bias, read_block, write_block
 from .tensor_ring import RING, cheapest_order, chunk_for_budget, contract, contraction_cost
 
-# benchmarks/RESULTS-mango.md: the rank sweep on the demo and the DeiT-S→B-sized cost.
-DEFAULT_RANK = 4
 DEFAULT_CHUNK_MB = 256
-MAX_RANK = 64
 
 
 class MangoOptions(NoiseOptions):
-    rank: int = option(DEFAULT_RANK, "Ring rank of the tensor-ring operator.", ge=1, le=MAX_RANK, strict=True)
+    # Unset (None) is "auto": ring_init.exact_rank, stated in the plan (a promise note) and
+    # recorded as the rank in effect in the report (benchmarks/RESULTS-mango.md: why).
+    rank: int | None = option(
+        None, "Ring rank of the tensor-ring operator [default: auto: the smallest rank with an exact start for "
+              "this growth, one per ring channel the copy start needs: 1 for a width-only growth, 2 with identity "
+              "depth blocks, more where a role needs its own unit map; the plan says which].",
+        ge=1, le=MAX_RANK, strict=True)
     slot_grouping: Literal["slices", "modules"] = option(
         "slices", "slices (matrices cut into residual-sized slots) or modules (one slot per matrix, zero-padded).")
     ring_init: Literal["copy", "echo"] = option(
@@ -68,7 +72,7 @@ class MangoOperator(LearnedOperator):
     def __init__(self, plan, **options):
         super().__init__(plan, **options)
         o = self.settings
-        self.rank, self.grouping, self.ring_init, self.residual = o.rank, o.slot_grouping, o.ring_init, o.ring_residual
+        self.grouping, self.ring_init, self.residual = o.slot_grouping, o.ring_init, o.ring_residual
         self.chunk_mb, self.lr_scales = o.chunk_mb, o.lr_scales
         self.buffers: dict[str, torch.Tensor] = {}
         self.notes: list[str] = []
@@ -78,6 +82,8 @@ class MangoOperator(LearnedOperator):
         self._scales = {s.name: adjustment(plan, s, self.head_norms).scale
                         for s in [*self.ring_specs, *self.bias_of.values()]}
         self._layout_modes()
+        self.rank_auto = o.rank is None
+        self.rank = min(MAX_RANK, exact_rank(self.layout, any(plan.identity))) if self.rank_auto else o.rank
         self._init_cores()
         self._init_outside()
         self._add_noise()
@@ -91,8 +97,9 @@ class MangoOperator(LearnedOperator):
     @classmethod
     def state_params(cls, source, new, options) -> int:
         """The four ring cores, the residual pair and the depth vectors of the per-layer
-        tensors outside the ring, from the dims (upper bounds)."""
-        rank, (u1, u2), (b1, b2), ringed = _ring_sizes(source, new, options)
+        tensors outside the ring, from the dims (upper bounds; the auto rank as
+        ``_ring_sizes`` counts it)."""
+        rank, (u1, u2), (b1, b2), ringed = ring_sizes(source, new, options)
         cores = rank * rank * (b1 * b2 + (u1 + 1) * (u2 + 1) + u1 * u2 + source.dims.layers * new.layers)
         outside = sum(1 for s in source.specs() if s.per_layer) - ringed
         return cores + 2 * source.dims.residual * new.residual + new.layers * source.dims.layers * outside
@@ -100,7 +107,7 @@ class MangoOperator(LearnedOperator):
     @classmethod
     def state_bytes(cls, source, new, options) -> int:
         """Also M1 (the small model's ring matrices stacked, fp32) and one contraction chunk."""
-        _, (u1, _), (b1, _), _ = _ring_sizes(source, new, options)
+        _, (u1, _), (b1, _), _ = ring_sizes(source, new, options)
         chunk = options.get("chunk_mb", DEFAULT_CHUNK_MB)
         chunk = chunk if isinstance(chunk, (int, float)) and 0 < chunk < 1e9 else DEFAULT_CHUNK_MB
         m1 = 4 * b1 * (u1 + 1) * u1 * source.dims.layers
@@ -110,7 +117,7 @@ class MangoOperator(LearnedOperator):
 
     def _classify(self) -> None:
         specs = self.source.specs()
-        self.ring_specs = [s for s in specs if _ringed(s)]
+        self.ring_specs = [s for s in specs if in_ring(s)]
         ringed = {s.name: s for s in self.ring_specs}
         self.bias_of: dict[str, TensorSpec] = {}  # matrix name -> its bias spec
         self.matrix_of: dict[str, TensorSpec] = {}  # bias name -> its matrix spec
@@ -142,6 +149,8 @@ class MangoOperator(LearnedOperator):
         """The copy start's channels and cores (operators/ring_init.py)."""
         channels = plan_channels(self.plan, self.rank, self.layout)
         self.notes += channels.notes
+        if self.rank_auto:
+            self.notes.append(auto_note(self.rank, channels, self.plan.promise.exact))
         self.depth_fallback = channels.depth_fallback
         for mode, role in channels.own:  # a role on its own map is read in place: unit t at position t
             self.buffers[f"readback.{mode}.{role}"] = torch.arange(self.plan.new.role_size(role))
@@ -324,6 +333,8 @@ class MangoOperator(LearnedOperator):
         ring = sum(self.params[f"ring.{m}"].numel() for m in RING)
         return {
             **super().describe_options(),
+            "rank": self.rank,  # the rank in effect; auto (unset) resolved
+            "rank_choice": "auto" if self.rank_auto else "given",
             "modes": sizes,
             "contraction_order": "".join(m for m, _ in self.order),
             "contraction_macs": macs,
@@ -334,30 +345,6 @@ class MangoOperator(LearnedOperator):
             "depth_vectors": sum(1 for k in self.params if k.startswith("depth.")),
             "inexact_roles": self.inexact_roles,
         }
-
-
-def _ringed(spec: TensorSpec) -> bool:
-    """A per-layer matrix whose two axes both grow: it goes into the ring."""
-    return (spec.per_layer and spec.kind == "param" and len(spec.axes) == 2 and spec.in_axis is not None
-            and all(r in GROWABLE_ROLES for a in spec.axes for r in a))
-
-
-def _ring_sizes(source, new, options) -> tuple[int, tuple[int, int], tuple[int, int], int]:
-    """Rank, units per slot (source, target), slots (source, target) and how many tensors
-    the ring holds, from the dims and the options as given (a bad one counts as the default)."""
-    rank = options.get("rank", DEFAULT_RANK)
-    rank = rank if isinstance(rank, int) and 1 <= rank <= MAX_RANK else DEFAULT_RANK
-    old, ring = source.dims, [s for s in source.specs() if _ringed(s)]
-    if options.get("slot_grouping", "slices") == "modules":
-        units = tuple(max(d.role_size(r) or 0 for r in GROWABLE_ROLES) for d in (old, new))
-    else:
-        units = (old.residual, new.residual)
-
-    def slots(d, u: int) -> int:
-        return sum(math.ceil(d.role_size(o) / u) * math.ceil(d.role_size(i) / u)
-                   for s in ring for o in s.axes[1 - s.in_axis] for i in s.axes[s.in_axis])
-
-    return rank, units, (slots(old, units[0]), slots(new, units[1])), len(ring)
 
 
 @hookimpl

@@ -34,11 +34,8 @@ class Channels:
     notes: list[str]
 
 
-def plan_channels(plan, rank: int, layout: SlotLayout) -> Channels:
-    """The channels an exact start needs, or the fallback when ``rank`` has no room."""
-    notes = []
-    # Identity depth growth zeroes the residual writers of identity blocks only.
-    split_writers = any(plan.identity) and any(b.writer for b in layout.blocks)
+def _signatures(layout: SlotLayout):
+    """The roles that can carry their own unit map, and each block's channel signature."""
     # A role whose copy map the shared circular unit map cannot reproduce (residual
     # padding, a kv ratio unlike the width's) can carry its own unit map when its copy
     # map factors into unit x piece; every distinct (I map, O map, depth map) then
@@ -54,9 +51,36 @@ def plan_channels(plan, rank: int, layout: SlotLayout) -> Channels:
     def signature(blk: SlotBlock, own: set, writers: bool) -> tuple[str, str, str]:
         i = f"role:{canon[('I', blk.inp.role)]}" if ("I", blk.inp.role) in own else "shared"
         o = f"role:{canon[('O', blk.out.role)]}" if ("O", blk.out.role) in own else "shared"
-        return i, o, "writers" if (writers and blk.writer) or zero_all else "full"
+        return i, o, "writers" if writers and blk.writer else "full"
 
-    zero_all = False
+    return fixable, signature
+
+
+def exact_rank(layout: SlotLayout, identity: bool) -> int:
+    """The smallest rank whose start is exact for this growth (``identity``: the plan has
+    identity depth blocks): one ring channel per distinct (I map, O map, depth map) that
+    the copy start wants, at least 1 (``--rank``'s default, docs/mango.md §6).
+
+    Counting the writers' depth map as a channel of its own keeps this off the rank-1
+    fallback: there an identity block's readers start at zero with its writers. That is
+    function-preserving, but it is not the copy operator's start, and the block is
+    dormant: only its writers' biases get a gradient, and a block without such biases
+    (Llama) never wakes. So a plan with identity blocks gets 2 or more; a width-only
+    growth whose roles all sit on the shared map gets 1. Roles whose copy map does not
+    factor into unit x piece stay inexact at every rank, so they add no channel here.
+    """
+    fixable, signature = _signatures(layout)
+    split_writers = identity and any(b.writer for b in layout.blocks)
+    return max(1, len({signature(b, fixable, split_writers) for b in layout.blocks}))
+
+
+def plan_channels(plan, rank: int, layout: SlotLayout) -> Channels:
+    """The channels an exact start needs, or the fallback when ``rank`` has no room."""
+    notes = []
+    # Identity depth growth zeroes the residual writers of identity blocks only.
+    split_writers = any(plan.identity) and any(b.writer for b in layout.blocks)
+    places = layout.places
+    fixable, signature = _signatures(layout)
     wanted = {signature(b, fixable, split_writers) for b in layout.blocks}
     if len(wanted) <= rank:
         own, writers = fixable, split_writers
@@ -71,10 +95,11 @@ def plan_channels(plan, rank: int, layout: SlotLayout) -> Channels:
         notes.append("rank 1 cannot zero only the residual writers of inserted layers: their ring matrices "
                      "start at zero, readers too (exact, but the block wakes only through its biases' "
                      "gradient); use --rank 2 or more")
-    zero_all = depth_fallback
     inexact_roles = sorted(f"{role} ({mode})" for (mode, role), p in places.items()
                            if not p.exact and (mode, role) not in own)
     sigs = [signature(b, own, writers) for b in layout.blocks]
+    if depth_fallback:  # one channel with the writers' depth map: every ringed matrix of the block at zero
+        sigs = [(i, o, "writers") for i, o, _ in sigs]
     signatures = list(dict.fromkeys(sigs))  # first-seen order: channel 0 holds the first block
     return Channels(signatures, [signatures.index(sg) for sg in sigs], own, inexact_roles, depth_fallback, notes)
 

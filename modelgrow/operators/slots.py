@@ -85,15 +85,19 @@ def role_segments(plan, roles: tuple[str, ...]) -> list[RoleSegment]:
     return segs
 
 
-def readback(a1: int, a2: int, n1: int, n2: int, u1: int, u2: int, want: AxisMap) -> tuple[torch.Tensor, bool]:
+def readback(a1: int, a2: int, n1: int, n2: int, u1: int, u2: int, want: AxisMap,
+             split: bool = True) -> tuple[torch.Tensor, bool]:
     """Where each of a role's ``a2`` target units is read from in the grown mode.
 
     The copy initialisation sends target position (u2, s2) to source unit
     (u2 mod u1) * n1 + (s2 mod n1). Target unit t takes the next unused position that
-    copies ``want.index[t]`` (the copy operator's source for t). Exact when every real
-    source unit has as many such positions as the copy operator makes copies (so the
-    split of S_I and S_B, 1/positions, is the copy operator's 1/count) and no unit is a
-    padding unit; otherwise the rest take free positions, dead ones (zero) first.
+    copies ``want.index[t]`` (the copy operator's source for t). Exact when every target
+    unit finds such a position (so no unit is a padding unit) and, where the mode splits
+    a source unit over its positions (``split``: the I mode, whose S_I and S_B hold
+    1/positions), no real source unit has a position left over, so that the split is the
+    copy operator's 1/count. The O mode copies without splitting: a position nobody
+    reads back does no harm there. Otherwise the rest take free positions, dead ones
+    (zero) first.
     """
     p = torch.arange(n2 * u2)
     src = (p // n2 % u1) * n1 + (p % n2 % n1)
@@ -109,7 +113,7 @@ def readback(a1: int, a2: int, n1: int, n2: int, u1: int, u2: int, want: AxisMap
             index[t] = free[f].pop()
         else:
             missing.append(t)
-    exact = not missing and all(not free.get(f) for f in range(a1))
+    exact = not missing and not (split and any(free.get(f) for f in range(a1)))
     if missing:
         spare = free.get(-1, [])[::-1] + sorted(q for f, qs in free.items() if f >= 0 for q in qs)
         for t, q in zip(missing, spare):
@@ -177,7 +181,7 @@ def lay_out(plan, specs: list[TensorSpec], grouping: str, maps: RoleMaps) -> Slo
                 continue
             n1, n2 = math.ceil(seg.old / u1), math.ceil(seg.new / u2)
             want = maps.maps[seg.role]
-            index, exact = readback(seg.old, seg.new, n1, n2, u1, u2, want)
+            index, exact = readback(seg.old, seg.new, n1, n2, u1, u2, want, split=mode == "I")
             own = own_unit_map(seg.old, seg.new, n1, n2, u1, u2, want)
             places[(mode, seg.role)] = Placement(n1, n2, index, exact, *(own or (None, None)))
     blocks = []
