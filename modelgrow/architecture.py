@@ -12,7 +12,8 @@ The contract, each method with a default a plugin may override:
 - ``call(module, config, inputs)``: run the module, return its primary output tensor;
 - ``prepare_for_training(module, config)``: switch off what a training step does not
   want (a KV cache, say); ``prepare_for_export(module, config)``: what an exporter needs;
-- ``tied_parameters(config)``: which stored tensors share a parameter (from the layout).
+- ``tied_parameters(config)``: which stored tensors share a parameter (from the layout);
+  ``parameter_views(module, shapes)``: where training finds each stored tensor.
 """
 
 from __future__ import annotations
@@ -183,6 +184,12 @@ class Architecture:
         if missing:
             raise RuntimeError(f"{len(missing)} weights of {type(module).__name__} are not produced, e.g. {missing[0]!r}")
         return out
+
+    def parameter_views(self, module: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[str, tuple | None]]:
+        """Checkpoint name (-> its stored shape) -> (module parameter name, index): where
+        training finds each stored tensor. The index (None: the whole parameter) selects it
+        within a parameter the module fuses from several (transformers' experts)."""
+        return {name: (key, None) for name, key in self.parameter_names(module, list(shapes)).items()}
 
     def _tied_keys(self, module: torch.nn.Module, loaded: set[str]) -> set[str]:
         """Module keys that alias a loaded parameter (a tied head shares the embedding's)."""

@@ -59,10 +59,11 @@ class Recipe:
         return f"import modelgrow\n\nmodelgrow.{self.command}({args})"
 
 
-def given(options: Options, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+def given(options: Options, *, skip: tuple[str, ...] = (), plain: bool = True) -> dict[str, Any]:
     """The command-line fields of ``options`` that differ from their (derived) defaults.
 
-    Paths are reduced to file names: a card names no local folder.
+    Paths are reduced to file names (a card names no local folder), unless ``plain`` is
+    False (a recipe rebuilt from a report, modelgrow.recipe).
     """
     model = type(options)
     derived = options.derived() if hasattr(options, "derived") else {}
@@ -73,7 +74,7 @@ def given(options: Options, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         value = getattr(options, name)
         if value is None or value == info.default or (name in derived and value == derived[name]):
             continue
-        out[name] = _plain(value)
+        out[name] = _plain(value) if plain else value
     return out
 
 
@@ -132,18 +133,21 @@ def _number(n: Any) -> str:
 def convert_card(report: dict[str, Any], recipe: Recipe) -> str:
     """README.md for a grown checkpoint, from its report (verification included)."""
     plan, promise, op = report["plan"], report["promise"], report["operator"]
-    old, new = plan["source"], plan["target"]
+    old, new, up = plan["source"], plan["target"], plan.get("upcycle")
     rows = [f"| {key} | {_number(old.get(key))} | {_number(new.get(key))} |"
-            for key in ("residual", "layers", "heads", "kv_heads", "head_dim", "ffn", "vocab") if old.get(key) is not None]
+            for key in ("residual", "layers", "heads", "kv_heads", "head_dim", "ffn", "vocab", "experts")
+            if old.get(key) is not None or new.get(key) is not None]
     rows.append(f"| parameters | {plan['source_params']:,} | {plan['target_params']:,} |")
     options = ", ".join(f"{k}={v}" for k, v in sorted(op["options"].items())) or "none"
     dtype = report.get("dtype") or {}
     lines = [front_matter(report["source"].get("hub")), "",
-             f"# A {plan['architecture']} checkpoint grown with modelgrow", "",
+             f"# A {up['architecture'] if up else plan['architecture']} checkpoint grown with modelgrow", "",
              f"Grown from {source_line(report['source'])} by modelgrow {report['modelgrow_version']}: "
              f"{plan['source_params']:,} → {plan['target_params']:,} parameters.", "",
              "## Recipe", "", "| size | source | grown |", "| --- | ---: | ---: |", *rows, "",
              f"- operator: `{op['name']}` ({options})",
+             *([f"- sparse upcycling into {up['architecture']} (`{up['class']}`): {up['experts']} experts, "
+                f"top-{up['top_k']}, router {up['router_init']}"] if up else []),
              f"- depth mode: `{plan['depth_mode']}`, target layers copy source layers "
              f"{[d['source_layer'] for d in plan['depth_map']]}"]
     if dtype:

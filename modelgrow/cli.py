@@ -12,54 +12,18 @@ import json
 import os
 import sys
 import threading
-import traceback
 from pathlib import Path
 
 import click
 
 from . import signals
 from .version import __version__
-from .errors import EXIT_INTERNAL, ModelgrowError
+from .cli_support import JSON_HELP, handle_errors, json_out as _json_out, show_progress as _progress
 from .options import OptionsCommand, click_option, given, param_name, with_options
 
 # The option groups are imported when their command runs or shows its own help (the
 # lambdas below, OptionsCommand), so that `modelgrow --help` and `--version` start
 # without torch.
-
-JSON_HELP = "Print the JSON report to standard output (as --report - does); everything else goes to standard error."
-
-
-def handle_errors(fn):
-    """A user's mistake is one line on stderr and an exit code, never a traceback.
-
-    While the command runs, SIGTERM and SIGHUP unwind it like SIGINT (staging removed):
-    exit 143, 129 and 130, with a line that says what had been written.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            with signals.handled():
-                return fn(*args, **kwargs)
-        except click.ClickException:
-            raise  # click prints usage errors itself (exit code 2)
-        except ModelgrowError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(err.exit_code)
-        except (KeyboardInterrupt, signals.Terminated) as exc:
-            click.echo(signals.message(exc), err=True)
-            sys.exit(signals.exit_code(exc))
-        except Exception as err:  # noqa: BLE001 - a bug: say so in one line, trace on request
-            if os.environ.get("MODELGROW_DEBUG"):
-                traceback.print_exc()
-            click.echo(
-                f"internal error: {type(err).__name__}: {' '.join(str(err).split())[:500]} "
-                "(a modelgrow bug; set MODELGROW_DEBUG=1 for the traceback)",
-                err=True,
-            )
-            sys.exit(EXIT_INTERNAL)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -107,25 +71,6 @@ def _exit_now(code) -> None:
         except (OSError, ValueError):  # a reader that left (`| head`): the command's status stands
             pass
     os._exit(code or 0)
-
-
-def _progress(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
-
-
-def _json_out(as_json: bool, values: dict) -> bool:
-    """Whether the report goes to standard output: --json, --report - or --report /dev/stdout.
-
-    Then the command prints it once it is done (``values["report"]`` is dropped so the
-    engine does not write it too), and all human output goes to standard error: standard
-    output is one JSON document a pipeline can parse.
-    """
-    from .checkpoint.streams import stream_kind
-
-    if values.get("report") is not None and stream_kind(values["report"]) == "stdout":
-        values["report"] = None
-        return True
-    return as_json
 
 
 # -- convert --------------------------------------------------------------------------------
@@ -246,6 +191,41 @@ def train_command(source, output, as_json, quiet, **values):
         click.echo(format_train(result.report), err=as_json)
         if as_json:
             click.echo(result.to_json())
+
+
+# -- run --------------------------------------------------------------------------------------
+
+
+@main.command("run")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--into", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="Write every output into this existing folder instead, each by its own name (to replay a report).")
+@click.option("--dry-run", is_flag=True, help="Check the whole recipe, run convert's dry run (the plan), and stop.")
+@click.option("--print-recipe", is_flag=True, help="Print the recipe as YAML (paths absolute; a report's too) and stop.")
+@click.option("--report", type=click.Path(path_type=Path),
+              help="Write the run's JSON report (every stage's) here; - (or /dev/stdout) prints it, like --json.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or plan table.")
+@handle_errors
+def run_command(recipe, into, dry_run, print_recipe, report, as_json, quiet):
+    """Run RECIPE: a YAML file naming the source, convert, fit, train and export options.
+
+    RECIPE may also be a report (REPORT.json of convert, train, export or run): its run
+    is made again, and the files made must match the report's sha256 (exit 4 if not).
+    """
+    from . import recipe as recipes
+
+    values = {"report": report}
+    as_json = _json_out(as_json, values)
+    plan = recipes.load(recipe, into=into, dry_run=dry_run)
+    if print_recipe:
+        click.echo(plan.to_yaml(), nl=False)
+        return
+    result = recipes.run(plan, dry_run=dry_run, progress=_progress(quiet), quiet=quiet,
+                         echo=functools.partial(click.echo, err=as_json), report=values["report"])
+    if as_json:
+        click.echo(result.to_json())
+    result.check()
 
 
 # -- inspect, verify, export, demo, plugins ---------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError, VerificationError
-from .options import Options, option
+from .options import Options, option, seed_option
 from .growth_map import read_growth_map
 from .source import SourceModel
 from .streamed import run_streamed
@@ -30,7 +30,7 @@ class VerifyOptions(Options):
     config: Path | None = option(None, "config.json of SOURCE, when not beside it.")
     batch: int = option(2, "Rows of random inputs.", ge=1, le=1024, strict=True)
     seq: int = option(16, "Tokens per row (at most the model's positions).", ge=1, le=65536, strict=True)
-    seed: int = option(0, "Seed of the random inputs.", strict=True)
+    seed: int = seed_option("Seed of the random inputs.")
 
 # Max abs difference allowed, relative to max(1, largest reference output), by the
 # dtype the weights are stored in: fp32 round-off is ~1e-6, half precision far coarser.

@@ -87,6 +87,14 @@ def check_outputs(inputs: dict[Path, str], outputs: dict[str, Path | None], *, f
 
 def check_replaceable(path: Path, what: str, kind: str) -> None:
     """A file output: its folder exists, and what is there now is ours to replace."""
+    try:
+        _check_replaceable(path, what, kind)
+    except OSError as exc:  # a name too long for the file system, a loop of links, no permission
+        raise OutputError(f"{what} cannot be written there: {exc.strerror or exc}", path=path,
+                          hint="choose another path") from None
+
+
+def _check_replaceable(path: Path, what: str, kind: str) -> None:
     if not path.parent.is_dir():
         raise OutputError(f"{what}: folder {path.parent} does not exist", path=path,
                           hint=f"create it first (mkdir -p {path.parent}); nothing was written")

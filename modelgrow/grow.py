@@ -8,6 +8,7 @@ appears, complete, after verification passed.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from .options import Options, option
 from .errors import InputError, ModelgrowError, OutputError, UsageError, VerificationError
 from .fit import FitOptions, is_writer, prepare_fit
 from .growth_map import GROWTH_MAP, growth_map
+from .operators.upcycling import upcycled
 from .plan import GrowthSpec, Plan, make_plan
 from .preflight import Preflight
 from .report import write_report
@@ -124,7 +126,7 @@ def convert(
             casting = dtypes.describe(run.dtype, {source.checkpoint.info(b.name).dtype for b in source.bound()})
             if dtypes.cast_note(casting):  # before the operator takes the plan's promise
                 plan.promise.notes.append(dtypes.cast_note(casting))
-            op = kind(plan, **options)
+            op = upcycled(kind(plan, **options), plan)  # sparse upcycling: experts, router
         except ModelgrowError as err:
             # "target width 16 is smaller than the source's 32" must say which
             # checkpoint it is about when it is one line in a batch job's log.
@@ -142,6 +144,10 @@ def convert(
             "dry_run": dry_run,
             "dtype": casting,
             "estimate": gate.estimate.as_dict(),
+            # What `modelgrow run REPORT` needs to make it again (modelgrow.replay): the options
+            # given, and where relative paths start.
+            "options": recorded_options(spec, op, run, config_path, keep_card, fit_options),
+            "cwd": os.getcwd(),
         }
         if dest is not None:  # what CheckpointWriter would refuse, refused now (a dry run too)
             dest = Path(dest)
@@ -201,6 +207,21 @@ def convert(
     if report_path is not None:
         signals.committed(report_path)
     return report
+
+
+RECORDED = ("config", "max_shard_size", "verify", "dtype", "keep_card", "allow_nonfinite", "preflight")
+
+
+def recorded_options(spec: GrowthSpec, op, run: ConvertOptions, config_path, keep_card: bool,
+                     fit_options) -> dict[str, Any]:
+    """The report's "options": the growth asked for, the operator's settings (as given: the report's
+    "operator" says what they resolved to), the options that shape the output, the fit's."""
+    convert = {**run.as_dict(), "config": str(config_path) if config_path is not None else None, "keep_card": keep_card}
+    out = {"growth": {k: v for k, v in spec.as_dict().items() if v is not None}, "operator": op.settings.as_dict(),
+           "convert": {k: convert[k] for k in RECORDED}}
+    if fit_options:
+        out["fit"] = FitOptions.parse(fit_options).as_dict()
+    return out
 
 
 def _recipe(hub, spec: GrowthSpec, op, fit_options, run: ConvertOptions) -> Recipe:

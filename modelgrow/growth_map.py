@@ -2,8 +2,9 @@
 
 It says, for a person and for a program, where every target tensor came from: which
 source tensor, and how (copied as it was, grown by the unit maps, zeroed as an identity
-block's residual writer, or made by a learned operator), and which layers are new
-(identity blocks and repeated copies). ``modelgrow train --train new`` trains exactly
+block's residual writer, or made by a learned operator; sparse upcycling's router is
+"initialised" and its zero-started tensors "zeroed", with no source, marked new), and
+which layers are new (identity blocks and repeated copies). ``modelgrow train --train new`` trains exactly
 the tensors it marks as new; an outside trainer reads ``new_layers`` (LLaMA Pro trains
 only the inserted blocks). No path or time goes into it: the bytes depend only on the
 growth.
@@ -32,17 +33,20 @@ def growth_map(plan: Plan, operator: str, learned: bool) -> dict:
     kinds = layer_kinds(plan)
     tensors = {}
     for t in plan.targets:
-        if t.identity and t.spec.writes_residual:
+        made_here = t.made in ("zero", "router")  # sparse upcycling: no source tensor
+        if t.made == "zero" or (t.identity and t.spec.writes_residual):
             how = "zeroed"
+        elif t.made == "router":
+            how = "initialised"
         elif learned:
             how = "learned"
         else:
             how = "copied" if t.shape == t.source_shape else "grown"
         tensors[t.name] = {
-            "source": plan.source.stored_name(t.spec, t.source_layer),
+            "source": None if made_here else plan.source.stored_name(t.spec, t.source_layer),
             "layer": t.layer,
             "how": how,
-            "new": t.layer is not None and kinds[t.layer] != "original",
+            "new": made_here or (t.layer is not None and kinds[t.layer] != "original"),
         }
     return {
         "format": FORMAT,

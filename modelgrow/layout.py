@@ -122,6 +122,7 @@ class Dims:
             "experts": self.experts,
             "expert_ffn": self.expert_ffn,
             "shared_ffn": self.shared_ffn,
+            "one": 1,  # a single unit (Qwen2-MoE's shared-expert gate writes one logit)
         }.get(role)
         return None if size is None else size * times
 
@@ -165,6 +166,7 @@ class Layout:
     config_per_layer: tuple[str, ...] = ()  # config lists with one entry per layer
     layer_index_keys: tuple[str, ...] = ()  # config flags that make a block depend on its index
     gain_offset: float = 0.0  # norms multiply by (gain_offset + stored gain): Gemma's (1 + w)
+    upcycle: dict | None = field(default=None, compare=False)  # the MoE family it upcycles into (modelgrow.upcycle)
 
     # -- loading -----------------------------------------------------------------
 
@@ -224,6 +226,7 @@ class Layout:
             config_per_layer=tuple(data.get("config_per_layer", [])),
             layer_index_keys=tuple(data.get("layer_index_keys", [])),
             gain_offset=float(data["norm"].get("gain_offset", 0.0)),
+            upcycle=data.get("upcycle"),
         )
         layout._check_consistency()
         return layout

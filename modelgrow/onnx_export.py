@@ -169,6 +169,10 @@ def export_onnx(
             "example_shape": list(example[names[0]].shape),
             "initializers": {"count": len(model.graph.initializers), "bytes": weight_bytes, **tidy},
             "exporter_warnings": exporter_warnings,
+            # What `modelgrow run REPORT` needs to export it again (modelgrow.recipe).
+            "options": {"config": str(config_path) if config_path is not None else None, "opset": opset,
+                        "check": check, "external_data": external_data},
+            "cwd": os.getcwd(),
         }
         with output_errors(dest.parent, dest):
             remove_stale_temps(dest)

@@ -42,6 +42,11 @@ def option(default: Any = None, help: str = "", *, flag: str | None = None, cli:
     return field
 
 
+def seed_option(help: str):
+    """A seed: any 64-bit integer, the range torch's generators take."""
+    return option(0, help, strict=True, ge=-(2**63), le=2**63 - 1)
+
+
 def flag_of(field) -> Flag:
     return next((m for m in field.metadata if isinstance(m, Flag)), Flag())
 
@@ -90,8 +95,10 @@ def usage_error(model: type[Options], exc: ValidationError) -> UsageError:
     where += "".join(f"[{part!r}]" for part in err["loc"][1:])
     if err["type"] == "value_error":  # a field's own check says what it accepts: ValueError("a size above 0 ...")
         wanted = err["msg"].removeprefix("Value error, ")
+    elif len(err["loc"]) > 1:  # an item of a tuple or list: pydantic's words ("Input should be less than 1")
+        return UsageError(f"{where}: {err['msg'][:1].lower()}{err['msg'][1:]}, got {err.get('input')!r}")
     else:
-        wanted = describe(field) if len(err["loc"]) == 1 else "valid"
+        wanted = describe(field)
     return UsageError(f"{where} must be {wanted}, got {err.get('input')!r}")
 
 
@@ -111,12 +118,16 @@ def describe(field) -> str:
         if isinstance(m, (Le, Lt)):
             high = ("]" if isinstance(m, Le) else ")", getattr(m, "le", getattr(m, "lt", None)))
     if low and high:
-        return f"{noun} in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+        return f"{noun} in {low[0]}{_bound(low[1])}, {_bound(high[1])}{high[0]}"
     if low:
-        return f"{noun} {'>=' if low[0] == '[' else '>'} {low[1]:g}"
+        return f"{noun} {'>=' if low[0] == '[' else '>'} {_bound(low[1])}"
     if high:
-        return f"{noun} {'<=' if high[0] == ']' else '<'} {high[1]:g}"
+        return f"{noun} {'<=' if high[0] == ']' else '<'} {_bound(high[1])}"
     return noun
+
+
+def _bound(value) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def _core_type(annotation):

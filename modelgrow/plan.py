@@ -11,7 +11,8 @@ import copy
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import ConfigDict
 
@@ -20,7 +21,9 @@ from .options import Options, option
 from .layer_map import LayerMap, insert_identity, parse_layers
 from .layout import Dims, TensorSpec, config_get, config_has, config_set
 from .preflight import check_size
+from .promise import Promise, norm_promises
 from .source import SourceModel
+from .upcycle import prepare_upcycle
 
 DEPTH_MODES = ("identity", "interleave", "stack")
 
@@ -46,6 +49,19 @@ class GrowthSpec(Options):
                                       "(end) or after the listed source layers (3,7). Sets the depth.")
     depth_mode: str = option("identity", "identity: inserted blocks add nothing (exact for pre-LN); interleave: "
                                          "0,0,1,1,..; stack: 0,1,..,0,1,.. (not exact).", choices=DEPTH_MODES)
+    # Sparse upcycling (modelgrow.upcycle): the dense FFN becomes experts of the matching MoE family.
+    experts: int | None = option(None, "Sparse upcycling: each FFN becomes this many experts (copies of it) in the "
+                                       "layout's mixture-of-experts family (Llama/Mistral -> Mixtral, Qwen2/3 -> "
+                                       "Qwen2/3-MoE).", ge=1, strict=True)
+    top_k: int | None = option(None, "Experts per token [default: 2, at most --experts].", ge=1, strict=True)
+    router_init: Literal["random", "zero"] | None = option(
+        None, "Router weights: random (normal, the config's initializer_range) or zero; exact either way "
+              "[default: random].")
+    expert_noise: float = option(0.0, "Noise added to each expert, relative to each tensor's spread: the experts "
+                                      "differ (not exact).", ge=0, allow_inf_nan=False)
+    drop_upcycle: float = option(0.0, "Drop-Upcycling: re-initialise this fraction of each expert's FFN units, "
+                                      "chosen per expert, from the weights' mean and spread (not exact).",
+                                 ge=0, le=1, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
@@ -58,35 +74,14 @@ class TargetTensor:
     shape: tuple[int, ...]
     source_shape: tuple[int, ...]
     identity: bool = False  # in an identity block: a residual writer here starts at zero
+    # Sparse upcycling: "expert" (spec's grown tensor, copied into expert ``expert``), "zero" or
+    # "router" (made here; ``spec`` only gives the dtype); None: the operator grows ``spec``.
+    made: str | None = None
+    expert: int | None = None
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
-
-
-@dataclass
-class Promise:
-    """Which parts of the growth preserve the function exactly, and why not."""
-
-    width: bool = True
-    heads: bool = True
-    depth: bool = True
-    noise: bool = True  # False when symmetry-breaking noise changes the function
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def exact(self) -> bool:
-        return self.width and self.heads and self.depth and self.noise
-
-    def as_dict(self) -> dict:
-        return {
-            "exact": self.exact,
-            "width": self.width,
-            "heads": self.heads,
-            "depth": self.depth,
-            "noise": self.noise,
-            "notes": list(self.notes),
-        }
 
 
 @dataclass
@@ -100,6 +95,7 @@ class Plan:
     targets: list[TargetTensor]
     promise: Promise
     identity: tuple[bool, ...] = ()  # per target layer: an identity block (residual writers zeroed)
+    upcycle: object | None = None  # modelgrow.upcycle.Upcycle: sparse upcycling into a MoE family
 
     @property
     def width_multiple(self) -> int:
@@ -141,6 +137,7 @@ class Plan:
             "source_params": self.source_params(),
             "target_params": self.target_params(),
             "promise": self.promise.as_dict(),
+            **({"upcycle": self.upcycle.summary()} if self.upcycle else {}),
         }
 
 
@@ -167,6 +164,7 @@ def make_plan(source: SourceModel, spec: GrowthSpec, preflight: Callable[[Dims],
     if spec.depth_mode not in DEPTH_MODES:
         raise UsageError(f"unknown depth mode {spec.depth_mode!r}", hint=f"choose one of {', '.join(DEPTH_MODES)}")
     promise = Promise()
+    upcycle = prepare_upcycle(source, spec)  # None without --experts; refuses what cannot upcycle
 
     residual = parse_amount(spec.width, old.residual, "hidden units", "--width")
     layer_map = _layer_map(spec, old.layers)
@@ -237,6 +235,8 @@ def make_plan(source: SourceModel, spec: GrowthSpec, preflight: Callable[[Dims],
 
     new = Dims(residual, layers, heads, kv_heads, old.head_dim, ffn, old.vocab, old.positions,
                old.experts, scaled(old.expert_ffn), scaled(old.shared_ffn))
+    if upcycle is not None:
+        new = upcycle.dims(new)
     check_size(source, new, spec)  # absurd sizes, then the run's needs: before anything is listed per layer
     if preflight is not None:
         preflight(new)
@@ -248,7 +248,7 @@ def make_plan(source: SourceModel, spec: GrowthSpec, preflight: Callable[[Dims],
             promise.width = False
             promise.notes.append("non-integer width of a post-LN model: LayerNorm statistics change, not exact")
 
-    _norm_promises(layout, old, new, promise)
+    norm_promises(layout, old, new, promise)
 
     if layer_map is None:
         depth_map = _depth_map(old.layers, layers, spec.depth_mode)
@@ -273,37 +273,16 @@ def make_plan(source: SourceModel, spec: GrowthSpec, preflight: Callable[[Dims],
 
     if new == old and depth_map == [(i, False) for i in range(old.layers)]:
         promise.notes.append("nothing grows: the output is a copy of the source (give --width, --depth, --layers, ...)")
-    plan = Plan(source, spec, old, new, depth_map, {}, [], promise, identity)
+    plan = Plan(source, spec, old, new, depth_map, {}, [], promise, identity, upcycle)
     plan.config = _target_config(plan)
-    problem = source.arch.config_problem(plan.config)
+    if upcycle is not None:
+        plan.config = upcycle.config(plan)
+        upcycle.promise(plan)
+    problem = (upcycle.arch if upcycle else source.arch).config_problem(plan.config)
     if problem:
         raise UsageError(f"the grown model's config is invalid: {problem}", hint="change --heads/--kv-heads/--width")
-    plan.targets = _targets(plan)
+    plan.targets = [TargetTensor(**t) for t in upcycle.targets(plan)] if upcycle else _targets(plan)
     return plan
-
-
-def _norm_promises(layout, old: Dims, new: Dims, promise: Promise) -> None:
-    """What output and inner norms (schemas/LAYOUT.md, "kind") allow."""
-    kinds = {t.kind for t in layout.tensors}
-    padded = new.residual % old.residual != 0
-    if padded and layout.norm_type == "layernorm" and kinds & {"output_norm_weight", "output_norm_bias"}:
-        promise.width = False
-        promise.notes.append("non-integer width: the zero padding of a sublayer's output moves its LayerNorm's mean, not exact")
-    for t in layout.tensors:
-        if t.kind != "inner_norm_weight":
-            continue
-        role = t.axes[0][0]
-        pairs = {"attn": (old.heads, new.heads), "kv": (old.kv_heads, new.kv_heads)}
-        if role in pairs and pairs[role][1] % pairs[role][0]:
-            promise.heads = False
-            promise.notes.append(f"{t.name.split('.')[-2]} normalises all heads together: {pairs[role][0]} -> "
-                                 f"{pairs[role][1]} heads is not a whole multiple, its statistics change: not exact")
-        elif padded and layout.eps_key and not t.normalises:
-            promise.width = False
-            promise.notes.append(f"{t.name.split('.')[-2]} shares the padded residual's eps but its layout names no "
-                                 "inputs to rescale: not exact")
-    if padded and layout.eps_key and any(t.kind == "inner_norm_weight" and t.normalises for t in layout.tensors):
-        promise.notes.append("q/k norms share the residual eps: their inputs take sqrt(s), so they see the eps they had")
 
 
 def _layer_map(spec: GrowthSpec, old_layers: int) -> LayerMap | None:

@@ -27,6 +27,7 @@ from .errors import UsageError
 from .layout import Dims
 from .maps import map_bytes
 from .source import SourceModel
+from .upcycle import target_specs
 
 MAX_PARAMS = 10**13  # more than any machine holds: refused outright
 MAX_LAYERS = 10**6
@@ -39,7 +40,7 @@ GROW_COPIES = 4
 FIT_COPIES = 3
 VERIFY_TOKENS = 2 * 16  # verification's random inputs: batch x seq (VerifyOptions' defaults)
 OVERRIDE = "pass --no-preflight to try anyway"
-GROWTH_FLAGS = ("width", "depth", "heads", "kv_heads", "ffn", "layers", "insert")
+GROWTH_FLAGS = ("width", "depth", "heads", "kv_heads", "ffn", "layers", "insert", "experts")
 # Beside the tensors' bytes: config.json, the card, growth_map.json, the index, and each
 # tensor's entry in a safetensors header.
 FILES_BYTES, HEADER_BYTES = 1_000_000, 256
@@ -57,23 +58,25 @@ class Size:
 
 
 def count(source: SourceModel, new: Dims, dtype: str = "source") -> Size:
-    """The grown model's size: each tensor of ``source.specs()`` (what the plan grows) in
+    """The grown model's size: each tensor of ``source.specs()`` (what the plan grows; when
+    upcycling, the experts' copies and the router too: modelgrow.upcycle.target_specs) in
     its target shape, a per-layer one times ``new.layers``. Equal to ``Plan.target_params``
     whenever a per-layer tensor has the same fixed sizes in every source layer (always, for
     the built-in layouts); otherwise the largest is counted for every layer."""
     cast = dtypes.target_dtype(dtype)
     layer = outer = largest = 0
     disk = FILES_BYTES
-    for spec in source.specs():
+    for spec, shape_of, copies in target_specs(source, new):
         infos = [source.info(spec, j) for j in (range(source.dims.layers) if spec.per_layer else [None])]
-        numel = max(math.prod(source.expected_shape(spec, new, tuple(i.shape))) for i in infos)
+        numel = max(math.prod(shape_of(tuple(i.shape))) for i in infos)
+        largest = max(largest, numel)
+        numel *= copies  # one tensor per expert
         itemsize = max(dtypes.output_dtype(i.dtype, cast).itemsize for i in infos)
         if spec.per_layer:
             layer += numel
         else:
             outer += numel
-        disk += (numel * itemsize + HEADER_BYTES) * (new.layers if spec.per_layer else 1)
-        largest = max(largest, numel)
+        disk += (numel * itemsize + HEADER_BYTES * copies) * (new.layers if spec.per_layer else 1)
     for f in source.checkpoint.tagalong_files():
         disk += _file_size(f)
     return Size(layer * new.layers + outer, largest, disk, layer, outer)

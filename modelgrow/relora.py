@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .layout import LAYER, Layout
+from .layout import EXPERT, LAYER, Layout
 
 
 class LoRAAdapter(nn.Module):
@@ -90,19 +90,28 @@ def check_rank(source, rank: int) -> None:
     """Adapters must be low-rank: r below both sides of every adapted matrix (before any step)."""
     if not adapter_targets(source.layout):
         raise UsageError(f"--relora: the {source.layout.name} layout names no per-layer matrices to adapt")
-    sides = [min(source.checkpoint.info(b.name).shape) for b in source.bound()
-             if b.spec.per_layer and b.spec.kind == "param" and b.spec.in_axis is not None and len(b.spec.axes) == 2]
+    adapted = {t.name for t in source.layout.tensors if adaptable(t)}  # templates: per-expert specs are not
+    sides = [min(source.checkpoint.info(b.name).shape) for b in source.bound() if b.spec.name in adapted]
     if sides and rank >= min(sides):
         raise UsageError(f"--rank {rank} is not below the smallest adapted matrix side ({min(sides)}): the adapters "
                          "would hold at least as many parameters as the matrices",
                          hint=f"use --rank < {min(sides)}, or train full-rank without --relora")
 
 
+def adaptable(spec) -> bool:
+    """A per-layer matrix an adapter can wrap: not a router or a one-unit gate (modules that
+    return more than a Linear's output, or have a side of one), nor a per-expert tensor
+    (transformers fuses a block's experts into one 3-D parameter)."""
+    roles = {r for axis in spec.axes for r in axis}
+    return (spec.per_layer and spec.kind == "param" and spec.in_axis is not None and len(spec.axes) == 2
+            and not roles & {"experts", "one"} and EXPERT not in spec.name)
+
+
 def adapter_targets(layout: Layout) -> list[tuple[re.Pattern, int]]:
     """(pattern of module weight names, input axis) for every per-layer matrix."""
     out = []
     for spec in layout.tensors:
-        if spec.per_layer and spec.kind == "param" and spec.in_axis is not None and len(spec.axes) == 2:
+        if adaptable(spec):
             name = spec.name
             if layout.base_prefix and name.startswith(layout.base_prefix):
                 name = name[len(layout.base_prefix):]

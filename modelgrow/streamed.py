@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import CheckpointError
 from .source import SourceModel
 
 
@@ -63,7 +64,7 @@ def run_streamed(source: SourceModel, inputs: dict[str, torch.Tensor],
         placed = arch.module_tensors(module, tensors, source.path)
         for key, tensor in placed.items():
             for alias in aliases.get(key, [key]):
-                _assign(module, alias, tensor)
+                _load(module, alias, tensor, source)
         return sum(t.numel() * t.element_size() for t in placed.values())
 
     def read(names: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -77,11 +78,11 @@ def run_streamed(source: SourceModel, inputs: dict[str, torch.Tensor],
     # reads the embedding's tensor again), so a large vocabulary is held only while used.
     owners = _owners(module, arch, by_layer.pop(None, {}), aliases, source.path)
     for path, entries in owners.items():
-        def load_owner(mod, _args, entries=entries):
+        def load_owner(mod, _args, entries=entries, path=path):
             nonlocal peak
             tensors = read(entries)
             for name, tensor in tensors.items():
-                _assign(mod, name, tensor)
+                _load(mod, name, tensor, source, f"{path}.{name}" if path else name)
             peak = max(peak, sum(t.numel() * t.element_size() for t in tensors.values()))
 
         def drop_owner(mod, _args, _output, entries=entries):
@@ -150,6 +151,17 @@ def _aliases(module: torch.nn.Module) -> dict[str, list[str]]:
     for name, p in module.named_parameters(remove_duplicate=False):
         groups[id(p)].append(name)
     return {name: names for names in groups.values() for name in names}
+
+
+def _load(module: torch.nn.Module, key: str, tensor: torch.Tensor, source: SourceModel, label: str | None = None) -> None:
+    """``_assign`` a stored tensor, if it has the shape the config gives the module: a size
+    the layout does not describe (BERT's type_vocab_size, say) is checked only here."""
+    shape = module.get_parameter(key).shape
+    if tensor.shape != shape:
+        raise CheckpointError(f"parameter {label or key} is {list(tensor.shape)} in the weights but {list(shape)} by "
+                              "config.json", path=source.checkpoint.config_path or source.path,
+                              hint="the config and the weights disagree: fix the config value behind that size")
+    _assign(module, key, tensor)
 
 
 def _assign(module: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:

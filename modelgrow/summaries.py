@@ -17,12 +17,17 @@ def format_plan(report: dict) -> str:
     plan, promise = report["plan"], report["promise"]
     rows = [f"{plan['architecture']} ({plan['class']}) · operator {report['operator']['name']} · depth mode {plan['depth_mode']}",
             f"{'':12}{'source':>12}{'target':>12}"]
-    for key in ("residual", "layers", "heads", "kv_heads", "head_dim", "ffn", "vocab"):
-        if plan["source"][key] is None:  # vision models have no vocabulary
+    for key in ("residual", "layers", "heads", "kv_heads", "head_dim", "ffn", "vocab", "experts"):
+        old, new = plan["source"].get(key), plan["target"].get(key)
+        if old is None and new is None:  # vision models have no vocabulary, dense ones no experts
             continue
-        rows.append(f"{key:12}{plan['source'][key]:>12,}{plan['target'][key]:>12,}")
+        rows.append(f"{key:12}{'-' if old is None else format(old, ','):>12}{'-' if new is None else format(new, ','):>12}")
     ratio = plan["target_params"] / max(1, plan["source_params"])
     rows.append(f"{'parameters':12}{plan['source_params']:>12,}{plan['target_params']:>12,}  ({ratio:.2f}x)")
+    up = plan.get("upcycle")
+    if up:
+        rows.append(f"sparse upcycling into {up['architecture']} ({up['class']}): {up['experts']} experts, top-{up['top_k']}, "
+                    f"router {up['router_init']}")
     new = plan.get("new_layers") or []
     if new:
         rows.append(f"new layers: {', '.join(map(str, new))} (growth_map.json; train only these: modelgrow train --train new)")

@@ -190,6 +190,13 @@ def restart_generator(seed: int, restart: int) -> torch.Generator:
     return torch.Generator().manual_seed(seeding.torch_seed("relora-A", seed, restart))
 
 
+def file_names(value: Any) -> Any:
+    """A path option's files by name (a list stays a list, None stays None)."""
+    if isinstance(value, list):
+        return [Path(v).name for v in value]
+    return Path(value).name if value else value
+
+
 def checkpoints_dir(dest: str | Path) -> Path:
     """Where --save-every writes: beside OUT, so OUT appears only when complete."""
     dest = Path(dest)

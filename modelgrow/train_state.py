@@ -39,7 +39,9 @@ class WeightMap:
     """Module parameters <-> the input checkpoint's stored tensor names.
 
     Built on the plain module, before any adapter is inserted: parameters are kept as
-    objects, and an adapter later wraps the very same Parameter, so the map survives.
+    objects, and an adapter later wraps the very same Parameter, so the map survives. A
+    stored tensor may be part of a parameter (transformers fuses a mixture-of-experts
+    block's experts into one): ``index_of`` then selects it (Architecture.parameter_views).
     """
 
     def __init__(self, source, module: torch.nn.Module):
@@ -48,19 +50,38 @@ class WeightMap:
         params = dict(self.named)
         bound = [b for b in source.bound() if not source.is_tied_head(b.spec)]
         # The names load_module loaded under (the layout's naming) -> module parameters.
-        to_module = source.arch.parameter_names(module, [source.stored_name(b.spec, b.layer) for b in bound])
+        shapes = {source.stored_name(b.spec, b.layer): tuple(source.checkpoint.info(b.name).shape) for b in bound}
+        to_module = source.arch.parameter_views(module, shapes)
         self.param_of: dict[str, torch.nn.Parameter] = {}
+        self.index_of: dict[str, tuple] = {}  # stored name -> its part of a fused parameter
         for b in bound:
-            self.param_of[b.name] = params[to_module[source.stored_name(b.spec, b.layer)]]
+            key, index = to_module[source.stored_name(b.spec, b.layer)]
+            self.param_of[b.name] = params[key]
+            if index is not None:
+                self.index_of[b.name] = index
         tie = source.layout.tie
         for b in source.bound():
             if source.is_tied_head(b.spec):  # stored although tied: same values as the embedding
                 emb = next(e for e in bound if e.spec.name == tie["embedding"])
                 self.param_of[b.name] = self.param_of[emb.name]
-        for name, p in self.param_of.items():
-            shape = tuple(source.checkpoint.info(name).shape)
-            if tuple(p.shape) != shape:
-                raise RuntimeError(f"tensor {name!r} is {list(shape)} in the checkpoint but {list(p.shape)} in the module")
+        for name in self.param_of:
+            shape, held = tuple(source.checkpoint.info(name).shape), tuple(self.value(name).shape)
+            if held != shape:
+                raise RuntimeError(f"tensor {name!r} is {list(shape)} in the checkpoint but {list(held)} in the module")
+
+    def value(self, name: str) -> torch.Tensor:
+        """The stored tensor ``name`` as the module holds it now (a view, detached)."""
+        value = self.param_of[name].detach()
+        index = self.index_of.get(name)
+        return value if index is None else value[index]
+
+    def check_whole(self, names: set[str], flag: str) -> None:
+        """Refuse to train a part of a fused parameter: one trains whole or not at all."""
+        for name in sorted(names & self.index_of.keys()):
+            fused = self.param_of[name]
+            if any(p is fused and other not in names for other, p in self.param_of.items()):
+                raise UsageError(f"{flag}: {name!r} is part of one parameter with tensors it leaves out (transformers "
+                                 "fuses a block's experts)", hint="choose all experts of a block or none")
 
     def dense(self, adapters: list[LoRAAdapter], cast: torch.dtype | None = None):
         """(stored name, tensor in the stored dtype, or ``cast`` for floating ones, on the CPU) for every input tensor."""
@@ -73,8 +94,8 @@ class WeightMap:
                 yield name, ckpt.get(name).to(dtype)  # ignored by the layout: carried through (cast)
                 continue
             with torch.no_grad():
-                value = p.detach()
-                a = merged.get(id(p))
+                value = self.value(name)
+                a = merged.get(id(p)) if name not in self.index_of else None
                 if a is not None:
                     delta = (a.lora_B @ a.lora_A) * a.scale  # exactly LoRAAdapter.merge's sum
                     value = value.float() + (delta.T if a.in_axis == 0 else delta)

@@ -60,7 +60,7 @@ from .growth_map import chosen_tensors
 from .plots import plot_curves, require_matplotlib
 from .relora import add_adapters, check_rank, relora_report, remove_adapters, restart, set_full_rank, switch_to_adapters
 from .report import write_report
-from .train_options import RESUME_FREE, TrainOptions, checkpoints_dir, restart_generator
+from .train_options import RESUME_FREE, RESUMED_PATHS, TrainOptions, checkpoints_dir, file_names, restart_generator
 from .source import SourceModel, load_module, open_source
 
 def train(checkpoint: str | Path, dest: str | Path, options: TrainOptions | dict[str, Any], *, overwrite: bool = False,
@@ -99,6 +99,10 @@ def train(checkpoint: str | Path, dest: str | Path, options: TrainOptions | dict
                 files = writer.commit()
         report["output"] = {"path": str(dest), "params": source.param_count(),
                             "files": [{"name": f.path, "bytes": f.bytes, "sha256": f.sha256} for f in files]}
+        # With "options": what `modelgrow run REPORT` needs to train it again (modelgrow.replay).
+        report["train_run"] = {"config": str(config_path) if config_path is not None else None,
+                               "max_shard_size": max_shard_size, "dtype": dtype, "keep_card": keep_card}
+        report["cwd"] = os.getcwd()
     if opts.plot:
         plot_curves(report, opts.plot)
         report["plot"] = str(opts.plot)
@@ -198,7 +202,9 @@ class Trainer:
     def metadata(self) -> dict[str, str]:
         # Without the options that only say where extras go: a resumed run writes the
         # same bytes as an uninterrupted one.
-        options = {k: v for k, v in self.options.as_dict().items() if k not in ("save_every", "plot")}
+        # Data files by name, not path (as the card): the same bytes under any spelling of them.
+        options = {k: file_names(v) if k in RESUMED_PATHS else v for k, v in self.options.as_dict().items()
+                   if k not in ("save_every", "plot")}
         return {"modelgrow.version": __version__, "modelgrow.source_sha256": step_state.source_digest(self.source_identity()),
                 "modelgrow.train": json.dumps(options, sort_keys=True)}
 
@@ -232,6 +238,7 @@ class Trainer:
         weights = train_state.WeightMap(self.source, module)
         total_params = sum(p.numel() for _, p in weights.named)
         if self.chosen is not None:  # --train new|PATTERN: the rest keep their bytes
+            weights.check_whole(self.chosen, f"--train {o.train}")
             keep = {id(weights.param_of[n]) for n in self.chosen}
             for _, p in weights.named:
                 p.requires_grad_(id(p) in keep)

@@ -14,7 +14,9 @@ classifies how it ended:
   deadline.
 
 A hang is caught by SIGALRM at the deadline and counted as a failure. Work-size options
-(``--steps`` and the like) are never given huge values: a long run is not a hang.
+(``--steps`` and the like) are never given huge values, and a convert whose growth options
+are fuzzed runs as ``--dry-run`` (every check and the pre-flight estimate, no growth): a
+legitimately long run is not a hang.
 
     python tests/fuzz_cli.py --cases 1000 --seed 0 [--family data] [--json]
     python tests/fuzz_cli.py --seed 0 --case 17 -v        # replay one case
@@ -47,6 +49,7 @@ DEFAULT_DEADLINE_S = 30.0
 TRAIN = ["--steps", "1", "--batch-size", "2", "--seq-len", "16", "--device", "cpu", "--eval-every", "0"]
 WORK_OPTIONS = {"steps", "fit_steps", "relora_every", "save_every", "eval_every", "full_rank_steps", "eval_batches",
                 "batch_size", "seq_len", "fit_batch_size", "fit_seq_len", "warmup", "restart_warmup"}
+GROWTH_OPTIONS = {"width", "depth", "ffn", "heads", "kv_heads", "experts", "top_k", "layers", "insert"}
 DEMO = Path(cli.__file__).parent / "data" / "demo"
 
 HOSTILE_VALUES = [float("nan"), float("inf"), -float("inf"), -1, 0, 1, 2, 3, 7, 0.5, -0.5, 1.5, 1e6, 1e308, 10**30,
@@ -188,6 +191,8 @@ def fam_options(rng: random.Random, base: Base, work: Path) -> Case:
             picked.append(flag)
             continue
         value = rng.choice(OPTION_VALUES)
+        if command == "convert" and opt.name in GROWTH_OPTIONS and "--dry-run" not in args:
+            args.append("--dry-run")  # checks and pre-flight as the real run; a legitimately huge growth is not a hang
         if opt.name in WORK_OPTIONS and value.replace(".", "").replace("e", "").isdigit() and float(value) > 1000:
             value = "3"  # a long run is not a hang
         args += [flag, value]

@@ -19,46 +19,86 @@ from ..errors import UsageError
 from ..layout import template_regex
 
 
-def _hf_module_names(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Checkpoint names -> the module's parameter names, by transformers' conversion mapping.
+def _resolve(module: torch.nn.Module, names) -> dict[str, tuple[str, object, str | None]]:
+    """Checkpoint name -> (module key, the expert-stacking converter that merges it or None,
+    that converter's source pattern), by transformers' conversion mapping.
 
-    One-to-one renamings are applied, and so are the many-to-one merges transformers 5
-    uses for mixture-of-experts blocks (per-expert tensors stacked into one fused
-    parameter, gate and up projections concatenated); names the module already uses pass
-    through. transformers versions without conversion mappings need none.
+    One-to-one renamings give the new key; the many-to-one merges transformers 5 uses for
+    mixture-of-experts blocks (per-expert tensors stacked into one fused parameter, gate
+    and up projections concatenated) give the fused key and the converter; names the
+    module already uses, any other many-to-one conversion (left for load_weights to
+    refuse) and transformers versions without conversion mappings keep the name.
     """
+    plain = {name: (name, None, None) for name in names}
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
     except ImportError:
-        return tensors
+        return plain
     expected = module.state_dict()
-    if all(name in expected for name in tensors):
-        return tensors
+    if all(name in expected for name in names):
+        return plain
     transforms = get_model_conversion_mapping(module)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    out: dict[str, torch.Tensor] = {}
-    merges: dict[str, tuple[object, dict[str, dict[int, torch.Tensor]]]] = {}
-    for name, tensor in tensors.items():
-        new = name
-        if name not in expected:
-            renamed, pattern = rename_source_key(name, renamings, converters, module.base_model_prefix, expected)
-            converter = next((c for c in converters if pattern in c.source_patterns), None) if pattern else None
-            if pattern is None:
-                new = renamed
-            elif _stacks_experts(converter):
-                parts = merges.setdefault(renamed, (converter, {}))[1]
-                parts.setdefault(pattern, {})[_expert_index(name, pattern)] = tensor
-                continue
-            # any other many-to-one conversion is left for load_weights to refuse
-        out[new] = tensor
-    for target, (converter, parts) in merges.items():
+    for name in names:
+        if name in expected:
+            continue
+        renamed, pattern = rename_source_key(name, renamings, converters, module.base_model_prefix, expected)
+        converter = next((c for c in converters if pattern in c.source_patterns), None) if pattern else None
+        if pattern is None:
+            plain[name] = (renamed, None, None)
+        elif _stacks_experts(converter):
+            plain[name] = (renamed, converter, pattern)
+    return plain
+
+
+def _merged(places: dict, names) -> dict[str, tuple[object, dict[str, dict[int, str]]]]:
+    """Fused key -> (its converter, {source pattern: {expert: checkpoint name}})."""
+    merges: dict[str, tuple[object, dict[str, dict[int, str]]]] = {}
+    for name in names:
+        key, converter, pattern = places[name]
+        if converter is not None:
+            merges.setdefault(key, (converter, {}))[1].setdefault(pattern, {})[_expert_index(name, pattern)] = name
+    return merges
+
+
+def _hf_module_names(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint names -> the module's parameter names (``_resolve``): renamed tensors
+    pass as they are, per-expert ones are stacked (and concatenated) into the fused
+    parameter they make."""
+    places = _resolve(module, tensors)
+    out = {places[name][0]: tensor for name, tensor in tensors.items() if places[name][1] is None}
+    for target, (converter, parts) in _merged(places, tensors).items():
         merge, *concat = converter.operations
-        stacked = [torch.stack([experts[e] for e in sorted(experts)], dim=merge.dim)
+        stacked = [torch.stack([tensors[experts[e]] for e in sorted(experts)], dim=merge.dim)
                    for experts in (parts.get(p, {}) for p in converter.source_patterns) if experts]
         out[target] = torch.cat(stacked, dim=concat[0].dim) if concat else stacked[0]
     return out
+
+
+def _hf_views(module: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[str, tuple | None]]:
+    """Checkpoint name -> (module key, index): where each stored tensor lives in the module.
+    The index (None: the whole parameter) picks a per-expert tensor out of a fused one:
+    the expert along the stacked dim, its slice along the concatenated dim (gate, then up)."""
+    places = _resolve(module, shapes)
+    views: dict[str, tuple[str, tuple | None]] = {n: (key, None) for n, (key, conv, _) in places.items() if conv is None}
+    for target, (converter, parts) in _merged(places, shapes).items():
+        merge, *concat = converter.operations
+        offset = 0
+        for pattern in converter.source_patterns:
+            size = 0
+            for expert, name in parts.get(pattern, {}).items():
+                shape = shapes[name]
+                index: list = [slice(None)] * (len(shape) + 1)
+                index[merge.dim] = expert
+                if concat:  # the dim in stacked coordinates, and the same dim of one expert's tensor
+                    dim = concat[0].dim
+                    size = shape[dim - 1 if dim > merge.dim else dim]
+                    index[dim] = slice(offset, offset + size)
+                views[name] = (target, tuple(index))
+            offset += size
+    return views
 
 
 def _stacks_experts(converter) -> bool:
@@ -136,15 +176,20 @@ class HFArchitecture(Architecture):
         return [template_regex(t.name) for t in self.layout.tensors if t.optional]
 
     def parameter_names(self, module, names):
-        # The fit and train address parameters one stored tensor at a time; experts that
-        # transformers fuses into one parameter have no such place (yet).
-        probes = {n: torch.zeros(1, 1) for n in names}  # stand-ins: only the names are mapped
-        renamed = _hf_module_names(module, probes)
-        if len(renamed) != len(names):
-            raise UsageError(f"fitting or training a {type(module).__name__} is not supported yet: transformers fuses its "
-                             "experts into one parameter", hint="grow with the copy operator; train it elsewhere for now")
-        back = dict(zip(renamed, names))
-        return {back[k]: v for k, v in super().parameter_names(module, list(renamed)).items()}
+        # A learned operator's fit addresses parameters one stored tensor at a time; experts
+        # that transformers fuses into one parameter have no such place (yet). Training
+        # reaches them through parameter_views.
+        places = _resolve(module, names)
+        if any(converter is not None for _, converter, _ in places.values()):
+            raise UsageError(f"fitting a learned operator on a {type(module).__name__} is not supported yet: "
+                             "transformers fuses its experts into one parameter", hint="grow with the copy operator")
+        renamed = {key: name for name, (key, _, _) in places.items()}
+        return {renamed[k]: v for k, v in super().parameter_names(module, list(renamed)).items()}
+
+    def parameter_views(self, module, shapes):
+        views = _hf_views(module, shapes)
+        keys = super().parameter_names(module, sorted({key for key, _ in views.values()}))
+        return {name: (keys[key], index) for name, (key, index) in views.items()}
 
     def module_tensors(self, module, tensors, source):
         # transformers 5 renames some modules in memory but still saves (and hub files

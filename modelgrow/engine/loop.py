@@ -14,17 +14,21 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from ..errors import UsageError
-from ..options import Options, option
+from ..options import Options, option, seed_option
 from .device import autocast
 from .distributed import Dist, grad_norm, sync_grads
 from .objective import LMObjective
 from .schedule import Schedule
+
+
+Beta = Annotated[float, Field(ge=0, lt=1)]  # what AdamW accepts
 
 
 class LoopOptions(Options):
@@ -33,17 +37,19 @@ class LoopOptions(Options):
     data: list[Path] | None = option(None, "Data: text (tokenised with --tokenizer), .npy ids, or raw .bin ids "
                                            "(uint16, uint32 past 65,536 ids); repeat for more files.")
     steps: int = option(1000, "Optimiser steps.", ge=1, strict=True)
-    lr: float = option(1e-3, "Peak learning rate: AdamW, linear warmup, cosine to the floor.", gt=0, allow_inf_nan=False)
+    # le: torch keeps the rate as a float32 tensor in places; 1e308 overflows it.
+    lr: float = option(1e-3, "Peak learning rate: AdamW, linear warmup, cosine to the floor.", gt=0, le=1e30,
+                       allow_inf_nan=False)
     warmup: int | None = option(None, "Warmup steps [default: 10% of the steps].", ge=0, strict=True)
     min_lr_ratio: float = option(0.1, "Where the cosine ends, as a fraction of the peak learning rate.", ge=0, le=1)
     weight_decay: float = option(0.1, "AdamW weight decay.", ge=0, lt=1)
     batch_size: int = option(16, "Global batch in windows, split across torchrun processes.", ge=1, strict=True)
     seq_len: int | None = option(None, "Tokens per window [default: min(128, the model's positions)].", ge=1, strict=True)
-    seed: int = option(0, "Seed of data order, masks and dropout.", strict=True)
+    seed: int = seed_option("Seed of data order, masks and dropout.")
     device: str = option("auto", "Where to run: auto, cpu, cuda or cuda:N; bf16 autocast on CUDA.")
     tokenizer: Path | None = option(None, "tokenizer.json for text data [default: the checkpoint's].")
     grad_clip: float = option(1.0, "Gradient norm clip, 0 for none.", ge=0)
-    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas.")
+    betas: tuple[Beta, Beta] = option((0.9, 0.95), "AdamW betas.")
     eps: float = option(1e-8, "AdamW epsilon.", gt=0, cli=False)
     eval_batches: int = option(8, "Held-out batches of --batch-size windows scored.", ge=0, strict=True)
     mask_rate: float = option(0.15, "Masked LM: fraction of positions masked.", gt=0, lt=1, cli=False)

@@ -133,6 +133,11 @@ def read_state(folder: Path) -> dict:
         raise InputError(f"unreadable training state: {exc}", path=folder / STATE_DIR / STATE_JSON) from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
         raise InputError(f"not a {STATE_FORMAT} v{STATE_VERSION} file", path=folder / STATE_DIR / STATE_JSON)
+    try:  # text a file name could hold (surrogate escapes of undecodable bytes), nothing else
+        json.dumps(state, ensure_ascii=False).encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise InputError("corrupt training state: it holds text that is not valid Unicode (a lone surrogate)",
+                         path=folder / STATE_DIR / STATE_JSON, hint="resume from another step folder") from None
     try:
         StepState.model_validate(state)
     except ValidationError as exc:

@@ -10,7 +10,7 @@ import torch
 
 from .. import seeding
 from ..errors import UsageError
-from ..options import Options, option
+from ..options import Options, option, seed_option
 from ..layout import Dims
 from ..maps import RoleMaps, map_bytes
 from ..plan import Plan, Promise, TargetTensor
@@ -23,7 +23,7 @@ class OperatorOptions(Options):
 
     kind = "operator"
 
-    seed: int = option(0, "Seed for noise; same seed, same bytes.", strict=True)
+    seed: int = seed_option("Seed for noise; same seed, same bytes.")
 
 
 class NoiseOptions(OperatorOptions):
