@@ -36,7 +36,7 @@ from .options import Options, option
 from .destination import check_outputs, source_inputs
 from .errors import ModelgrowError, OutputError, UsageError
 from .onnx_check import check_parity, measure_latency, open_session, torch_threads
-from .onnx_graph import dynamic_axes, fit_shape, initializer_bytes, one_line, quiet_exporter, tidy_initializers
+from .onnx_graph import drop_stack_traces, dynamic_axes, fit_shape, initializer_bytes, one_line, quiet_exporter, tidy_initializers
 from .source import SourceModel, load_module, open_source
 
 MISSING_EXTRA = "ONNX export needs the onnx extra: pip install 'modelgrow[onnx]'"
@@ -152,6 +152,7 @@ def export_onnx(
             raise ModelgrowError(f"the exporter wrote opset {written}, not the requested {opset}",
                                  hint=f"choose another --opset; {MIN_OPSET} always works")
         tidy = tidy_initializers(ir, model, module)
+        drop_stack_traces(ir, model)
         weight_bytes = initializer_bytes(model)
         external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else bool(external_data)
         export_s = time.perf_counter() - t0

@@ -154,6 +154,19 @@ def tidy_initializers(ir, model, module: torch.nn.Module) -> dict[str, int]:
     return {"merged_duplicates": merged, "unfolded_transposes": transposed}
 
 
+def drop_stack_traces(ir, model) -> int:
+    """Remove the Python stack the exporter records on each node: it holds absolute paths
+    (site-packages, modelgrow's own files) and line numbers, so an export would publish
+    local paths and its bytes would depend on where things are installed. Returns how many
+    were dropped."""
+    dropped = 0
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for key in [k for k in node.metadata_props if k.endswith("stack_trace")]:
+            del node.metadata_props[key]
+            dropped += 1
+    return dropped
+
+
 def initializer_bytes(model) -> int:
     """Bytes of all the graph's weights (what decides whether they go to external data)."""
     values = model.graph.initializers.values()

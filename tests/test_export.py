@@ -134,6 +134,9 @@ def test_bert_exports_through_the_cli(models, tmp_path):
     emb = load_file(src / "model.safetensors")["bert.embeddings.word_embeddings.weight"].numpy()
     assert _copies(_initializers(dest), emb) == (1, 0)
     assert report["initializers"]["unfolded_transposes"] >= 1
+    # No Python stacks (absolute paths of this machine) in the graph: only the exporter records them.
+    graph = dest.read_bytes()
+    assert b"stack_trace" not in graph and b"site-packages" not in graph and str(Path.cwd()).encode() not in graph
 
     # Again without --json: the human summary, and the destination now exists.
     again = CliRunner().invoke(main, ["export", str(src), "-o", str(dest), "--no-check"])

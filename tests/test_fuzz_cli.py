@@ -13,7 +13,7 @@ import pytest
 
 import fuzz_cli as fuzz
 
-CI_CASES = 150
+CI_CASES = 100
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
-"""No output path touches an input (issue #18): the cases a pipeline hit, each as a real
-`python -m modelgrow` process, refused before any work with exit 5 and the input intact."""
+"""No output path touches an input (issue #18): the cases a pipeline hit, refused before any
+work with exit 5 and the input intact. The table runs the command in this process (click's
+runner, in the project folder); the current-folder case and the report case run a real
+`python -m modelgrow` process."""
 
 from __future__ import annotations
 
@@ -25,6 +27,23 @@ def modelgrow(*args, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "MODELGROW_PLUGINS": ""}
     return subprocess.run([sys.executable, "-m", "modelgrow", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
+
+
+def in_process(*args, cwd: Path):
+    """The command run by click's test runner from ``cwd``: what a process would print and return."""
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    from modelgrow.cli import main
+
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        result = CliRunner().invoke(main, [str(a) for a in args])
+    finally:
+        os.chdir(here)
+    return SimpleNamespace(returncode=result.exit_code, stderr=result.stderr, exception=result.exception)
 
 
 @pytest.fixture
@@ -65,8 +84,8 @@ CASES = {
 @pytest.mark.parametrize("args,message", list(CASES.values()), ids=list(CASES))
 def test_outputs_never_touch_inputs(project, args, message):
     before = tree(project)
-    result = modelgrow(*[a.format(src=project / "src", proj=project) for a in args], cwd=project)
-    assert result.returncode == 5, result.stderr
+    result = in_process(*[a.format(src=project / "src", proj=project) for a in args], cwd=project)
+    assert result.returncode == 5, (result.stderr, result.exception)
     assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert tree(project) == before  # nothing written, nothing removed
 

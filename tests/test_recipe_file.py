@@ -5,6 +5,7 @@ a malformed recipe is one line naming the file, the line and the key, exit 2, no
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jsonschema
@@ -100,8 +101,15 @@ convert:
     assert files(tmp_path / "third" / "recipe") == ours
 
 
+# An ONNX export takes ~16 s here, twice in this test: CI runs convert and train, the export
+# stage with MODELGROW_SLOW_TESTS=1 (the export's own determinism is tested in test_export).
+EXPORT = os.environ.get("MODELGROW_SLOW_TESTS") == "1"
+
+
 def test_convert_train_and_export_make_the_cli_bytes(work, tmp_path, monkeypatch):
-    pytest.importorskip("onnxruntime")
+    if EXPORT:
+        pytest.importorskip("onnxruntime")
+    export = "export: {output: ../out/model.onnx, check: false}\n" if EXPORT else ""
     recipe = write(tmp_path / "recipes", "all.yaml", f"""\
 source: {work / 'small'}
 output: ../out/grown
@@ -116,8 +124,7 @@ train:
   relora: true
   rank: 4
   relora-every: 1
-export: {{output: ../out/model.onnx, check: false}}
-""")
+{export}""")
     for folder in ("out", "cli"):
         (tmp_path / folder).mkdir()
     done = cli("run", recipe, "-q", "--report", tmp_path / "run.json")
@@ -127,16 +134,18 @@ export: {{output: ../out/model.onnx, check: false}}
     for args in (["convert", "small", "-o", theirs / "grown", "--width", "2x", "--depth", "2x", "--no-verify", "-q"],
                  ["train", theirs / "grown", "-o", theirs / "trained", "--data", "ids.npy", "--steps", "2", "--batch-size",
                   "4", "--seq-len", "16", "--device", "cpu", "--relora", "--rank", "4", "--relora-every", "1", "-q"],
-                 ["export", theirs / "trained", "-o", theirs / "model.onnx", "--no-check"]):
+                 ["export", theirs / "trained", "-o", theirs / "model.onnx", "--no-check"])[: 3 if EXPORT else 2]:
         made = cli(*args)
         assert made.exit_code == 0, made.output
     out = tmp_path / "out"
     assert files(out / "grown") == files(theirs / "grown")
     assert files(out / "trained") == files(theirs / "trained")
-    assert (out / "model.onnx").read_bytes() == (theirs / "model.onnx").read_bytes()
+    if EXPORT:
+        assert (out / "model.onnx").read_bytes() == (theirs / "model.onnx").read_bytes()
 
     run = json.loads((tmp_path / "run.json").read_text())
-    assert set(run["stages"]) == {"convert", "train", "export"} and run["recipe"]["train"]["seq-len"] == 16
+    assert set(run["stages"]) == {"convert", "train", *(["export"] if EXPORT else [])}
+    assert run["recipe"]["train"]["seq-len"] == 16
     jsonschema.validate(run, schema("run-report.schema.json"))
     train = run["stages"]["train"]
     jsonschema.validate(train, schema("train-report.schema.json"))
