@@ -71,12 +71,21 @@ def require_onnx():
 def data_path(dest: str | Path) -> Path:
     """The external-data file that belongs to ``dest`` (NAME.onnx -> NAME.onnx.data)."""
     dest = Path(dest)
+    if not dest.name or dest.name in (".", ".."):
+        raise OutputError("is not a usable file name", path=dest, hint="give a file name such as model.onnx")
     return dest.with_name(dest.name + ".data")
 
 
 def check_destination(dest: str | Path, *, overwrite: bool = False) -> Path:
     """Refuse a destination we could not or should not write, before any work is done."""
-    dest = Path(dest)
+    try:
+        return _check_destination(Path(dest), overwrite)
+    except OSError as exc:  # a name too long for the file system, a loop of links, no permission
+        raise OutputError(f"cannot be written there: {exc.strerror or exc}", path=dest,
+                          hint="choose another path") from None
+
+
+def _check_destination(dest: Path, overwrite: bool) -> Path:
     if not dest.name or dest.name in (".", ".."):
         raise OutputError("is not a usable file name", path=dest)
     if not dest.parent.is_dir():

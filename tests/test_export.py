@@ -208,6 +208,18 @@ def test_existing_destinations_are_refused(gpt2_small, tmp_path):
         export_onnx(gpt2_small, tmp_path)
 
 
+def test_unusable_onnx_names_are_one_line_before_any_work(gpt2_small, tmp_path, monkeypatch):
+    """Found by the command-line fuzzer: an empty --onnx and a name too long for the file
+    system were internal errors (exit 1)."""
+    monkeypatch.chdir(tmp_path)
+    for onnx in ("", "x" * 300 + ".onnx"):
+        result = CliRunner().invoke(main, ["convert", str(gpt2_small), "-o", str(tmp_path / "out"), "--width", "2x",
+                                           "--onnx", onnx])
+        assert result.exit_code == OutputError.exit_code, result.output
+        assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_old_opsets_are_refused_up_front(gpt2_small, tmp_path):
     # The exporter would quietly write opset 18 anyway.
     result = CliRunner().invoke(main, ["export", str(gpt2_small), "-o", str(tmp_path / "m.onnx"), "--opset", "17"])
