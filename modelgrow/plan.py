@@ -358,14 +358,14 @@ def _target_config(plan: Plan) -> dict:
 def _targets(plan: Plan) -> list[TargetTensor]:
     src = plan.source
     out = []
+    shapes: dict[tuple, tuple[int, ...] | None] = {}  # one per tensor and stored shape, not per layer
+    layers = [(i, s, ins, z) for i, ((s, ins), z) in enumerate(zip(plan.depth_map, plan.identity))]
     for spec in src.specs():
-        if spec.per_layer:
-            places = [(i, s, ins, z) for i, ((s, ins), z) in enumerate(zip(plan.depth_map, plan.identity))]
-        else:
-            places = [(None, None, False, False)]
-        for layer, source_layer, inserted, identity in places:
-            stored = src.info(spec, source_layer).shape
-            shape = src.expected_shape(spec, plan.new, tuple(stored))
+        for layer, source_layer, inserted, identity in layers if spec.per_layer else [(None, None, False, False)]:
+            stored = tuple(src.info(spec, source_layer).shape)
+            if (spec.name, stored) not in shapes:
+                shapes[spec.name, stored] = src.expected_shape(spec, plan.new, stored)
+            shape = shapes[spec.name, stored]
             name = src.stored_name(spec, layer)
-            out.append(TargetTensor(spec, layer, source_layer, inserted, name, shape, tuple(stored), identity))
+            out.append(TargetTensor(spec, layer, source_layer, inserted, name, shape, stored, identity))
     return out
