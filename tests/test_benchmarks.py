@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,10 +36,14 @@ def test_growth_quality_quick(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 10_000
 
 
+@pytest.mark.skipif(os.environ.get("MODELGROW_SLOW_TESTS") != "1",
+                    reason="set MODELGROW_SLOW_TESTS=1: a one-seed research claim, about a minute")
 def test_fit_quality_quick_beats_copy_on_heldout_text(tmp_path):
     """Issue #4/#5's claim at CI size: a pretrained GPT-2 and a pretrained BERT (byte level,
     stdlib source), grown 2x/2x; LiGO and Mango fitted on the training split end below the
-    copy solution on held-out files, scored by transformers with fixed windows and masks."""
+    copy solution on held-out files, scored by transformers with fixed windows and masks.
+    A claim that one seed could flip belongs in the benchmark, not in CI's gate: this runs
+    with MODELGROW_SLOW_TESTS=1 (the growth-quality quick run keeps the scripts from rotting)."""
     out = tmp_path / "fq.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "fit_quality.py"), "--quick", "--workdir", str(tmp_path / "work"),
