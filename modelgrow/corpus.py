@@ -134,7 +134,11 @@ def default_tokenizer(checkpoint_root: str | Path | None) -> Path | None:
 
 def _data_file(raw: str | Path) -> Path:
     path = Path(raw)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:  # a name too long for the file system, a loop of links
+        raise InputError(f"data file cannot be read: {exc.strerror or exc}", path=path) from None
+    if not exists:
         raise InputError("data file does not exist", path=path)
     require_regular(path)
     return path

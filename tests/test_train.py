@@ -208,6 +208,7 @@ def test_two_process_torchrun_relora_agrees_with_one_process(tmp_path):
 
 BAD = [
     ("missing data", ["--data", "{tmp}/nope.txt"], 3, "does not exist"),
+    ("data name too long", ["--data", "{tmp}/" + "x" * 300], 3, "data file cannot be read: File name too long"),
     ("text without tokenizer", ["--data", "{tmp}/code.txt"], 3, "no tokenizer.json"),
     ("ids outside the vocab", ["--data", "{tmp}/big.npy"], 3, "token id 96"),
     ("too little data", ["--data", "{tmp}/short.npy"], 3, "training tokens"),
