@@ -126,7 +126,7 @@ def _convert_groups():
 def convert(source, output, operator, as_json, quiet, **values):
     """Grow SOURCE (a .safetensors file, a sharded index, or a Hugging Face folder)."""
     from . import api
-    from .summaries import format_fit, format_plan, format_verify
+    from .summaries import convert_summary
 
     spec_group, fit_group, run_group = _convert_groups()
     operator_options = {name: values[param_name(model, name)] for name, (model, _) in operator_fields().items()
@@ -138,18 +138,9 @@ def convert(source, output, operator, as_json, quiet, **values):
                          operator_options=operator_options, fit=given(values, fit_group) or None,
                          progress=_progress(quiet), **run)
     report = result.report
-    if "fit" in report and not quiet:
-        echo(format_fit(report["fit"]))
-    if not quiet or (run.get("dry_run") and not as_json):
-        echo(format_plan(report))
-    if "verify" in report:
-        echo(format_verify(report["verify"]))
-    for name, why in report.get("tagalong", {}).get("left_behind", {}).items():
-        click.echo(f"warning: {name} was not copied: {why}", err=True)
-    if result.output is not None:
-        files = report["output"]["files"]
-        echo(f"wrote {result.output} ({len(files)} files, {sum(f['bytes'] for f in files):,} bytes) "
-             f"in {report['timings']['total_s']:.1f}s")
+    for line, warning in convert_summary(report, result.output, quiet=quiet,
+                                         show_plan=not quiet or (run.get("dry_run") and not as_json)):
+        click.echo(line, err=True) if warning else echo(line)
     if result.onnx is not None:
         from .onnx_export import summary_lines
 

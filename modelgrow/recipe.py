@@ -147,7 +147,7 @@ RUNNERS = {"convert": _convert_stage, "train": _train_stage, "export": _export_s
 def say(name: str, result, echo: Callable[[str], Any], *, quiet: bool = False, dry_run: bool = False) -> None:
     """What the stage's own command prints about it."""
     from .onnx_export import summary_lines
-    from .summaries import format_fit, format_plan, format_train, format_verify
+    from .summaries import convert_summary, format_train
 
     r = result.report
     if name == "train":
@@ -156,17 +156,7 @@ def say(name: str, result, echo: Callable[[str], Any], *, quiet: bool = False, d
     if name == "export":
         echo("\n".join(summary_lines(r)))
         return
-    if "fit" in r and not quiet:
-        echo(format_fit(r["fit"]))
-    if not quiet or dry_run:
-        echo(format_plan(r))
-    if "verify" in r:
-        echo(format_verify(r["verify"]))
-    for file, why in r.get("tagalong", {}).get("left_behind", {}).items():
-        click.echo(f"warning: {file} was not copied: {why}", err=True)
-    if result.output is not None:
-        files = r["output"]["files"]
-        echo(f"wrote {result.output} ({len(files)} files, {sum(f['bytes'] for f in files):,} bytes) "
-             f"in {r['timings']['total_s']:.1f}s")
+    for line, warning in convert_summary(r, result.output, quiet=quiet, show_plan=not quiet or dry_run):
+        click.echo(line, err=True) if warning else echo(line)
     if result.onnx is not None:
         echo("\n".join(summary_lines(result.onnx.report)))

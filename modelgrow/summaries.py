@@ -74,3 +74,22 @@ def format_train(r: dict) -> str:
     return (f"trained {r['steps']} steps ({mode}) on {r['device']} x{r['world_size']}, batch {r['options']['batch_size']} x "
             f"{r['seq_len']}: {loss}; {r['trainable_params']:,} of {r['total_params']:,} parameters trained, optimizer state "
             f"{r['optimizer_state_bytes']:,} bytes\nwrote {out['path']} ({len(out['files'])} files, {size:,} bytes) in {r['wall_s']:.1f}s")
+
+
+def convert_summary(report: dict, output, *, quiet: bool, show_plan: bool) -> list[tuple[str, bool]]:
+    """What `convert` (and a recipe's convert stage) prints about its report, in order:
+    (line, whether it is a warning, which always goes to standard error)."""
+    lines = []
+    if "fit" in report and not quiet:
+        lines.append((format_fit(report["fit"]), False))
+    if show_plan:
+        lines.append((format_plan(report), False))
+    if "verify" in report:
+        lines.append((format_verify(report["verify"]), False))
+    for name, why in report.get("tagalong", {}).get("left_behind", {}).items():
+        lines.append((f"warning: {name} was not copied: {why}", True))
+    if output is not None:
+        files = report["output"]["files"]
+        lines.append((f"wrote {output} ({len(files)} files, {sum(f['bytes'] for f in files):,} bytes) "
+                      f"in {report['timings']['total_s']:.1f}s", False))
+    return lines
