@@ -8,6 +8,7 @@ appears, complete, after verification passed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from .card import Recipe, convert_card, source_label, write_card
 from .checkpoint import CheckpointWriter, dtypes, parse_size, tagalong
 from .checkpoint.writer import check_target
 from .checkpoint.dtypes import DtypeName
-from .checkpoint.sizes import ShardSize
+from .checkpoint.sizes import ShardSize, row_parts
 from .checkpoint.identity import source_digest, source_identity
 from .destination import check_destination
 from .options import Options, option
@@ -240,20 +241,36 @@ def _write_tensors(plan: Plan, op, writer: CheckpointWriter, allow_nonfinite: bo
     bar = tqdm(plan.targets, desc="growing", unit="tensor", disable=not progress, leave=False)
     for target in bar:
         dtype = dtypes.output_dtype(plan.source.info(target.spec, target.source_layer).dtype, cast)
-        w = op.tensor(target)
-        src = plan.source.stored_name(target.spec, target.source_layer)
-        if not allow_nonfinite and w.is_floating_point() and not _all_finite(w):
-            source_w = plan.source.get(target.spec, target.source_layer)
-            if op.learned and (not source_w.is_floating_point() or _all_finite(source_w)):
-                raise UsageError(f"the {op.name} operator grows the finite tensor {src!r} to NaN or Inf values "
-                                 "(its fit diverged)", hint="lower --fit-lr or fit for fewer steps; nothing was written")
-            raise InputError(f"tensor {src!r} holds NaN or Inf values", path=plan.source.checkpoint.path,
-                             hint="pass --allow-nonfinite to grow it anyway")
-        narrowed, w = w.dtype != dtype, w.to(dtype).contiguous()
-        if narrowed and not allow_nonfinite and w.is_floating_point() and not _all_finite(w):  # fp16 overflows at 65504
-            raise InputError(f"tensor {src!r} grows to values beyond the range of {dtypes.short(dtype)}",
-                             path=plan.source.checkpoint.path, hint="choose another --dtype (bf16 has fp32's range)")
-        writer.add(target.name, w)
+        parts = row_parts(target.shape) if op.grows_rows(target) else [None]
+        # The shard so far goes out before the tensor is made, not while both are held
+        # (the same shards as add() would make).
+        writer.make_room(math.prod(target.shape) * dtype.itemsize)
+        if len(parts) == 1:  # grown whole: one fp32 tensor, then stored
+            writer.add(target.name, _checked(plan, op, target, op.tensor(target), dtype, allow_nonfinite))
+            continue
+        # A large tensor (a vocabulary's embedding) is grown a slice of rows at a time into
+        # its stored dtype: no fp32 copy of the whole grown tensor is ever held.
+        out = torch.empty(target.shape, dtype=dtype)
+        for rows in parts:
+            out[rows] = _checked(plan, op, target, op.tensor(target, rows), dtype, allow_nonfinite)
+        writer.add(target.name, out)
+
+
+def _checked(plan: Plan, op, target, w: torch.Tensor, dtype: torch.dtype, allow_nonfinite: bool) -> torch.Tensor:
+    """``w`` (the grown tensor, or a slice of its rows) in ``dtype``, refused if it holds NaN or Inf."""
+    src = plan.source.stored_name(target.spec, target.source_layer)
+    if not allow_nonfinite and w.is_floating_point() and not _all_finite(w):
+        source_w = plan.source.get(target.spec, target.source_layer)
+        if op.learned and (not source_w.is_floating_point() or _all_finite(source_w)):
+            raise UsageError(f"the {op.name} operator grows the finite tensor {src!r} to NaN or Inf values "
+                             "(its fit diverged)", hint="lower --fit-lr or fit for fewer steps; nothing was written")
+        raise InputError(f"tensor {src!r} holds NaN or Inf values", path=plan.source.checkpoint.path,
+                         hint="pass --allow-nonfinite to grow it anyway")
+    narrowed, w = w.dtype != dtype, w.to(dtype).contiguous()
+    if narrowed and not allow_nonfinite and w.is_floating_point() and not _all_finite(w):  # fp16 overflows at 65504
+        raise InputError(f"tensor {src!r} grows to values beyond the range of {dtypes.short(dtype)}",
+                         path=plan.source.checkpoint.path, hint="choose another --dtype (bf16 has fp32's range)")
+    return w
 
 
 def _all_finite(w: torch.Tensor) -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import dtypes
-from .checkpoint.sizes import format_size
+from .checkpoint.sizes import PART_BYTES, format_size
 from .errors import UsageError
 from .layout import Dims
 from .maps import map_bytes
@@ -55,6 +55,8 @@ class Size:
     disk_bytes: int  # every tensor in the dtype it is written in, headers, the files written or copied beside them
     layer_params: int  # one layer's tensors
     outer_params: int  # the tensors outside the layers (embeddings, final norm, head)
+    largest_whole: int = 0  # elements of the largest one whose rows the growth changes (never grown in row slices)
+    largest_sliced_bytes: int = 0  # as stored, the largest one whose rows it leaves alone (grown in slices by copy)
 
 
 def count(source: SourceModel, new: Dims, dtype: str = "source") -> Size:
@@ -64,14 +66,18 @@ def count(source: SourceModel, new: Dims, dtype: str = "source") -> Size:
     whenever a per-layer tensor has the same fixed sizes in every source layer (always, for
     the built-in layouts); otherwise the largest is counted for every layer."""
     cast = dtypes.target_dtype(dtype)
-    layer = outer = largest = 0
+    layer = outer = largest = whole = sliced_bytes = 0
     disk = FILES_BYTES
     for spec, shape_of, copies in target_specs(source, new):
         infos = [source.info(spec, j) for j in (range(source.dims.layers) if spec.per_layer else [None])]
         numel = max(math.prod(shape_of(tuple(i.shape))) for i in infos)
         largest = max(largest, numel)
-        numel *= copies  # one tensor per expert
         itemsize = max(dtypes.output_dtype(i.dtype, cast).itemsize for i in infos)
+        if any(len(i.shape) < 2 or shape_of(tuple(i.shape))[0] != i.shape[0] for i in infos):
+            whole = max(whole, numel)
+        else:
+            sliced_bytes = max(sliced_bytes, numel * itemsize)
+        numel *= copies  # one tensor per expert
         if spec.per_layer:
             layer += numel
         else:
@@ -79,7 +85,7 @@ def count(source: SourceModel, new: Dims, dtype: str = "source") -> Size:
         disk += (numel * itemsize + HEADER_BYTES * copies) * (new.layers if spec.per_layer else 1)
     for f in source.checkpoint.tagalong_files():
         disk += _file_size(f)
-    return Size(layer * new.layers + outer, largest, disk, layer, outer)
+    return Size(layer * new.layers + outer, largest, disk, layer, outer, whole, sliced_bytes)
 
 
 def check_size(source: SourceModel, new: Dims, spec: Any) -> None:
@@ -136,7 +142,13 @@ def peak_memory(source: SourceModel, new: Dims, size: Size, *, operator: type, o
       a learned operator adds the source in fp32 and its own tensors four times over
       (values, gradients, AdamW's two moments);
     - grow: one shard waiting to be written (``--max-shard-size``, at most the whole
-      model) plus ``GROW_COPIES`` fp32 copies of the largest grown tensor;
+      model) plus ``GROW_COPIES`` fp32 copies of the largest tensor grown whole (the
+      last of them is the stored tensor; the shard so far is written out before a tensor
+      that would not fit in it is made). An operator that grows rows in slices
+      (``grows_rows``: copy) grows a tensor whose rows the growth leaves alone (a
+      vocabulary's embedding) into its stored dtype a slice of at most ``PART_BYTES`` at
+      a time: that tensor as stored (a shard of its own when larger than the limit) and
+      the slice's copies;
     - fit (learned operators): the grown model materialised, ``FIT_COPIES`` x fp32;
     - verify (unless off; streamed, modelgrow.streamed): for each model, in fp32, the
       tensors outside the layers plus one layer, and every layer's output hidden state.
@@ -147,7 +159,13 @@ def peak_memory(source: SourceModel, new: Dims, size: Size, *, operator: type, o
     """
     state = getattr(operator, "state_bytes", None)
     held = state(source, new, options) if state is not None else map_bytes(new)
-    grow = min(shard_bytes, size.disk_bytes) + GROW_COPIES * FP32 * size.largest
+    # Operators may not be imported here (a layer of their own): the base class's method is
+    # known by name, and one defined elsewhere slices.
+    method = getattr(operator, "grows_rows", None)
+    slices = method is not None and method.__qualname__ != "Operator.grows_rows"
+    whole = max(size.largest_whole, min(size.largest, PART_BYTES // FP32)) if slices else size.largest
+    shard = max(min(shard_bytes, size.disk_bytes), size.largest_sliced_bytes if slices else 0)
+    grow = shard + GROW_COPIES * FP32 * whole
     fit = FIT_COPIES * FP32 * size.params if getattr(operator, "learned", False) else 0
     check = 0
     if verify:

@@ -79,8 +79,9 @@ class SourceModel:
         head = self.layout.tie["head"] if self.layout.tie and self.tied else None
         return [s for s in self.tensor_specs if s.name in self.present and s.name != head]
 
-    def get(self, spec: TensorSpec, layer: int | None) -> torch.Tensor:
-        return self.checkpoint.get(self._bound[(spec.name, layer)].name)
+    def get(self, spec: TensorSpec, layer: int | None, rows: slice | None = None) -> torch.Tensor:
+        """The stored tensor for a spec at a layer; ``rows``: only that slice of its first dimension."""
+        return self.checkpoint.get(self._bound[(spec.name, layer)].name, rows)
 
     def info(self, spec: TensorSpec, layer: int | None):
         """The stored tensor's TensorInfo (dtype, shape) for a spec at a layer."""

@@ -4,8 +4,8 @@ The module is built with its parameters on the meta device (buffers such as rota
 frequencies stay real), so building it allocates no weights. Every module that owns
 weights outside the blocks (embeddings, final norm, head) has its tensors read just
 before it runs and dropped after, and so has each block as a whole. Peak memory is the
-largest of those in fp32 (a block, or the embedding of a large vocabulary) plus the
-activations, whatever the model's depth. Every block's output hidden state is kept (small: batch × seq ×
+largest of those in fp32 (a block, or the embedding of a large vocabulary, converted a
+slice of rows at a time) plus the activations, whatever the model's depth. Every block's output hidden state is kept (small: batch × seq ×
 width), so that a comparison can say which block first departs ("block 17 differs
 by 3e-2") rather than only that the logits do.
 """
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checkpoint.sizes import row_parts
 from .errors import CheckpointError
 from .source import SourceModel
 
@@ -68,8 +69,7 @@ def run_streamed(source: SourceModel, inputs: dict[str, torch.Tensor],
         return sum(t.numel() * t.element_size() for t in placed.values())
 
     def read(names: dict[str, str]) -> dict[str, torch.Tensor]:
-        tensors = {key: source.checkpoint.get(stored) for key, stored in names.items()}
-        return {k: (t.to(round_to) if round_to is not None else t).float() for k, t in tensors.items()}
+        return {key: read_float(source.checkpoint, stored, round_to) for key, stored in names.items()}
 
     blocks: dict[int, torch.Tensor] = {}
     peak = 0
@@ -119,6 +119,22 @@ def run_streamed(source: SourceModel, inputs: dict[str, torch.Tensor],
         for h in handles:
             h.remove()
     return StreamedRun(output, [blocks[i] for i in sorted(blocks)], peak)
+
+
+def read_float(checkpoint, name: str, round_to: torch.dtype | None = None) -> torch.Tensor:
+    """Stored tensor ``name`` in fp32 (``round_to``: rounded to that dtype first). A large one
+    is read and converted a slice of rows at a time into one fp32 buffer, so its stored
+    copy (bf16: half the buffer again) is never held whole beside it."""
+    info = checkpoint.info(name)
+    parts = row_parts(info.shape) if len(info.shape) > 1 else [None]
+    if len(parts) == 1:
+        t = checkpoint.get(name)
+        return (t.to(round_to) if round_to is not None else t).float()
+    out = torch.empty(info.shape, dtype=torch.float32)
+    for rows in parts:
+        t = checkpoint.get(name, rows)
+        out[rows] = t.to(round_to) if round_to is not None else t
+    return out
 
 
 _PROBE = torch.zeros(1, 1)  # a stand-in where only the module key of a tensor is wanted

@@ -90,12 +90,21 @@ class ShardFile:
         self.path = Path(path)
         self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
 
-    def read(self, data_start: int, info: TensorInfo) -> torch.Tensor:
-        """Read ``info``'s bytes into a new tensor of its dtype and shape."""
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+    def read(self, data_start: int, info: TensorInfo, rows: slice | None = None) -> torch.Tensor:
+        """Read ``info``'s bytes into a new tensor of its dtype and shape; ``rows`` (a
+        slice of the first dimension, step 1) reads only those rows: they are contiguous."""
+        shape, begin, nbytes = tuple(info.shape), info.begin, info.nbytes
+        if rows is not None:
+            start, stop, step = rows.indices(shape[0])
+            if step != 1:
+                raise ValueError("rows must be a slice with step 1")
+            row_bytes = nbytes // shape[0] if shape[0] else 0
+            stop = max(start, stop)
+            shape, begin, nbytes = (stop - start, *shape[1:]), begin + start * row_bytes, (stop - start) * row_bytes
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(buffer.numpy())
-        done, offset = 0, data_start + info.begin
-        while done < info.nbytes:
+        done, offset = 0, data_start + begin
+        while done < nbytes:
             count = os.preadv(self.fd, [view[done : done + _MAX_READ]], offset + done)
             if count == 0:
                 raise source_changed(
@@ -103,7 +112,7 @@ class ShardFile:
                     f"the file ends inside tensor {info.name!r}: it was truncated or replaced",
                 )
             done += count
-        return buffer.view(info.dtype).reshape(info.shape)
+        return buffer.view(info.dtype).reshape(shape)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -103,8 +103,9 @@ class Checkpoint:
         except KeyError:
             raise KeyError(f"no tensor named {name!r} in {self.path}") from None
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor from its shard, where the header validated at open time says it is.
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """Read one tensor (``rows``: only that slice of its first dimension) from its shard,
+        where the header validated at open time says it is.
 
         The shard stays open. A file that ends early (truncated or replaced since it was
         opened) raises "the source changed while it was read".
@@ -120,7 +121,7 @@ class Checkpoint:
                 f"cannot read tensor {name!r}: {err.strerror or err}", path=info.file
             ) from err
         try:
-            return handle.read(self._data_starts[info.file], info)
+            return handle.read(self._data_starts[info.file], info, rows)
         except OSError as err:
             raise CheckpointError(
                 f"cannot read tensor {name!r}: {err.strerror or err}", path=info.file

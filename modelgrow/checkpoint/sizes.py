@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from fractions import Fraction
 from typing import Annotated
@@ -75,3 +76,18 @@ def format_size(n: int) -> str:
         if value < 999.95 or unit == "PB":
             return f"{value:.1f} {unit}"
     raise AssertionError("unreachable")
+
+
+# A tensor larger than this in fp32 is grown (Operator.grows_rows) or converted for
+# verification in slices of rows of at most this size. A constant, not a memory reading:
+# the slices, and so the noise drawn for each, must not depend on the machine.
+PART_BYTES = 128 * 2**20
+
+
+def row_parts(shape: tuple[int, ...], part_bytes: int = PART_BYTES) -> list[slice]:
+    """Slices of the first dimension of a tensor of ``shape`` with at most ``part_bytes``
+    of fp32 each (one slice when the tensor is no larger)."""
+    rows = shape[0] if shape else 1
+    row_bytes = 4 * (math.prod(shape[1:]) if len(shape) > 1 else 1)
+    step = max(1, part_bytes // max(1, row_bytes))
+    return [slice(a, min(rows, a + step)) for a in range(0, rows, step)] or [slice(0, 0)]

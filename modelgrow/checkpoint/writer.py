@@ -123,9 +123,7 @@ class CheckpointWriter:
             raise TypeError(f"tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
         tensor = tensor.detach().contiguous()
         nbytes = tensor.numel() * tensor.element_size()
-        # Greedy by bytes; a tensor larger than the limit still gets a shard of its own.
-        if self._shard and self._shard_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
+        self.make_room(nbytes)
         # save_file refuses two tensors sharing memory in one file (tied weights added
         # under two names, repeated layers); copying costs memory only in that case.
         storage = (tensor.device, tensor.untyped_storage().data_ptr())
@@ -138,6 +136,14 @@ class CheckpointWriter:
         self._shard[name] = tensor
         self._shard_bytes += nbytes
         self._total_size += nbytes
+
+    def make_room(self, nbytes: int) -> None:
+        """Write out the shard being filled if a tensor of ``nbytes`` will not fit in it:
+        called before a large tensor is made, the shard is not held beside it.
+        Greedy by bytes; a tensor larger than the limit still gets a shard of its own."""
+        self._require_open()
+        if self._shard and self._shard_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
 
     def write_json(self, filename: str, obj: object) -> None:
         """Write a JSON side file (config.json, ...) deterministically."""

@@ -70,13 +70,22 @@ class Operator:
         """What this operator guarantees for this plan (starts from the plan's promise)."""
         return self.plan.promise
 
-    def tensor(self, target: TargetTensor) -> torch.Tensor:
-        """The target tensor in float32, shaped ``target.shape``."""
+    def tensor(self, target: TargetTensor, rows: slice | None = None) -> torch.Tensor:
+        """The target tensor in float32, shaped ``target.shape``; ``rows`` (only asked for when
+        ``grows_rows(target)``): that slice of its first dimension alone."""
         raise NotImplementedError
 
-    def generator(self, target: TargetTensor) -> torch.Generator:
-        """A generator seeded by (seed, tensor name): results never depend on order."""
-        return seeding.generator(self.seed, target.name)
+    def grows_rows(self, target: TargetTensor) -> bool:
+        """Whether ``tensor(target, rows)`` can grow the first dimension's rows a slice at a
+        time, so that a large tensor (a vocabulary's embedding) is never held whole in fp32.
+        Default: no, the writer asks for the whole tensor."""
+        return False
+
+    def generator(self, target: TargetTensor, rows: slice | None = None) -> torch.Generator:
+        """A generator seeded by (seed, tensor name[, first row of the slice]): results never
+        depend on order."""
+        return seeding.generator(self.seed, target.name if rows is None or rows.start == 0 and rows.stop >= target.shape[0]
+                                 else f"{target.name}[{rows.start}:]")
 
     def describe_options(self) -> dict[str, Any]:
         """The options in effect (defaults included), for the report and provenance."""

@@ -40,14 +40,21 @@ class CopyOperator(Operator):
             return dataclasses.replace(p, noise=False, notes=p.notes + ["plain noise: not exact by design"])
         return p
 
-    def tensor(self, target: TargetTensor) -> torch.Tensor:
+    def grows_rows(self, target: TargetTensor) -> bool:
+        # Rows of an axis the growth leaves alone (a vocabulary) are grown independently;
+        # the noise's spread is then measured per slice of rows, not over the whole tensor.
+        info = self.source.info(target.spec, target.source_layer)
+        return len(info.shape) > 1 and self.maps.for_axis(target.spec.axes[0], info.shape[0]) is None
+
+    def tensor(self, target: TargetTensor, rows: slice | None = None) -> torch.Tensor:
         spec = target.spec
         adjust = adjustment(self.plan, spec, self.head_norms)
+        shape = target.shape if rows is None else (len(range(*rows.indices(target.shape[0]))), *target.shape[1:])
         if target.identity and spec.writes_residual:
             # An identity block: it reads the residual but adds nothing to it (yet).
-            return adjust.to_stored(torch.zeros(target.shape))
-        w = self.source.get(spec, target.source_layer).to(torch.float32)
-        gen = self.generator(target)
+            return adjust.to_stored(torch.zeros(shape))
+        w = self.source.get(spec, target.source_layer, rows).to(torch.float32)
+        gen = self.generator(target, rows)
         grown = False
         for axis, roles in enumerate(spec.axes):
             m = self.maps.for_axis(roles, w.shape[axis])
@@ -62,7 +69,7 @@ class CopyOperator(Operator):
             w = adjust.to_stored(adjust.to_effective(w) * adjust.scale)
         if grown and self.noise > 0 and self.noise_mode == "plain" and spec.kind == "param":
             w = w + self.noise * w.std() * torch.randn(w.shape, generator=gen)
-        assert tuple(w.shape) == target.shape, (target.name, w.shape, target.shape)
+        assert tuple(w.shape) == tuple(shape), (target.name, w.shape, shape)
         return w
 
     def _copy(self, w: torch.Tensor, axis: int, m: AxisMap, spec, adjust) -> torch.Tensor:

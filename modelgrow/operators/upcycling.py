@@ -55,10 +55,15 @@ class Upcycled:
                     raise UsageError(f"{moe.name}: {o.spec.name!r} has no single ffn axis to re-initialise")
                 self.ffn_axis[o.dense.name] = axes[0]
 
+    def grows_rows(self, target: TargetTensor) -> bool:  # made tensors are made whole; the rest as the operator grows them
+        return target.made not in ("zero", "router", "expert") and self.op.grows_rows(target)
+
     def __getattr__(self, name):  # name, learned, settings, promise(), describe_options(), ...
         return getattr(self.op, name)
 
-    def tensor(self, target: TargetTensor) -> torch.Tensor:
+    def tensor(self, target: TargetTensor, rows: slice | None = None) -> torch.Tensor:
+        if rows is not None:  # only asked of what grows_rows passes through
+            return self.op.tensor(target, rows)
         if target.made == "zero":
             return torch.zeros(target.shape)
         if target.made == "router":

@@ -1,0 +1,114 @@
+"""Large tensors are grown a slice of rows at a time (modelgrow.operators.base.row_parts).
+
+The slice size is a constant of a few hundred MB, so tiny models never reach it: these
+tests shrink it to a few hundred bytes, so that every vocabulary-sized tensor of a tiny
+model is grown in several slices, and check that nothing a user sees changes: without
+noise the bytes are those of the whole-tensor growth, and with the default cancelling
+noise the grown model still computes what the source does (Hugging Face transformers).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tiny
+from modelgrow import grow
+from modelgrow.checkpoint.reader import open_checkpoint
+from modelgrow.checkpoint import sizes as base
+from modelgrow.plan import GrowthSpec
+from test_copy_growth import MAKERS, load_hf, outputs
+
+
+@pytest.fixture
+def small_parts(monkeypatch):
+    """Slices of at most 512 bytes of fp32 (4 rows of a 32-wide tensor)."""
+    monkeypatch.setattr(grow, "row_parts", lambda shape: base.row_parts(shape, 512))
+
+
+def grown_tensors(folder):
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_row_parts_cover_the_rows_once():
+    parts = base.row_parts((10, 3), part_bytes=4 * 3 * 4)  # 4 rows per part
+    assert [(p.start, p.stop) for p in parts] == [(0, 4), (4, 8), (8, 10)]
+    assert base.row_parts((10, 3)) == [slice(0, 10)]  # small: one part
+    assert base.row_parts((5,), part_bytes=1) == [slice(i, i + 1) for i in range(5)]
+
+
+def test_reading_rows_reads_exactly_those_rows(tmp_path):
+    src = tiny.gpt2(tmp_path / "src")
+    with open_checkpoint(src) as ckpt:
+        whole = ckpt.get("transformer.wte.weight")
+        assert torch.equal(ckpt.get("transformer.wte.weight", slice(7, 19)), whole[7:19])
+        assert torch.equal(ckpt.get("transformer.wte.weight", slice(90, None)), whole[90:])
+        assert ckpt.get("transformer.wte.weight", slice(5, 5)).shape == (0, whole.shape[1])
+
+
+@pytest.mark.parametrize("maker,width", [("gpt2", "2x"), ("gpt2-untied", "48"), ("llama-gqa", "2x"), ("bert-mlm", "48")])
+def test_sliced_growth_without_noise_is_the_whole_growth_byte_for_byte(tmp_path, monkeypatch, maker, width):
+    src = MAKERS[maker](tmp_path / "src")
+    spec = GrowthSpec(width=width)
+    grow.convert(src, tmp_path / "whole", spec, operator_options={"noise": 0.0}, verify=False, progress=False)
+    monkeypatch.setattr(grow, "row_parts", lambda shape: base.row_parts(shape, 512))
+    grow.convert(src, tmp_path / "sliced", spec, operator_options={"noise": 0.0}, verify=False, progress=False)
+    whole, sliced = grown_tensors(tmp_path / "whole"), grown_tensors(tmp_path / "sliced")
+    assert whole.keys() == sliced.keys()
+    for name in whole:
+        assert torch.equal(whole[name], sliced[name]), name
+
+
+@pytest.mark.parametrize("maker", ["gpt2-untied", "llama-gqa"])
+def test_sliced_growth_with_cancelling_noise_is_exact(tmp_path, small_parts, maker):
+    src = MAKERS[maker](tmp_path / "src")
+    report = grow.convert(src, tmp_path / "grown", GrowthSpec(width="2x", depth="2x"), verify=True,
+                          progress=False)
+    assert report["verify"]["passed"] and report["promise"]["exact"]
+    small, _ = load_hf(src)
+    big, _ = load_hf(tmp_path / "grown")
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(3))
+    assert (outputs(small, ids) - outputs(big, ids)).abs().max().item() < 1e-4
+    # The head's rows were grown in slices, each with its own noise: the noise is there.
+    grow.convert(src, tmp_path / "quiet", GrowthSpec(width="2x", depth="2x"), operator_options={"noise": 0.0},
+                 verify=False, progress=False)
+    noisy, quiet = grown_tensors(tmp_path / "grown")["lm_head.weight"], grown_tensors(tmp_path / "quiet")["lm_head.weight"]
+    assert (noisy - quiet).abs().max() > 0
+
+
+def test_sliced_growth_is_deterministic(tmp_path, small_parts):
+    src = tiny.llama(tmp_path / "src")
+    for out in ("a", "b"):
+        grow.convert(src, tmp_path / out, GrowthSpec(width="2x"), verify=False, progress=False)
+    a, b = grown_tensors(tmp_path / "a"), grown_tensors(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_verification_reads_large_tensors_in_slices_to_the_same_values(tmp_path, monkeypatch):
+    from modelgrow import streamed
+
+    src = tiny.llama(tmp_path / "src")
+    grow.convert(src, tmp_path / "bf16", GrowthSpec(width="2x"), dtype="bf16", verify=False, progress=False)
+    with open_checkpoint(tmp_path / "bf16") as ckpt:
+        name = "model.embed_tokens.weight"
+        whole = streamed.read_float(ckpt, name, torch.float16)
+        monkeypatch.setattr(streamed, "row_parts", lambda shape: base.row_parts(shape, 512))
+        sliced = streamed.read_float(ckpt, name, torch.float16)
+        assert sliced.dtype == torch.float32 and torch.equal(whole, sliced)
+        assert torch.equal(sliced, ckpt.get(name).to(torch.float16).float())
+    # The whole verification, slices and all, reaches the verdict of the default reads.
+    report = grow.convert(src, tmp_path / "checked", GrowthSpec(width="2x"), dtype="bf16", verify=True, progress=False)
+    assert report["verify"]["passed"]
+
+
+def test_upcycled_growth_slices_what_the_operator_grows_and_nothing_it_makes(tmp_path, monkeypatch):
+    src = tiny.llama(tmp_path / "src")
+    spec = GrowthSpec(experts=4, top_k=2, width="2x")
+    grow.convert(src, tmp_path / "whole", spec, operator_options={"noise": 0.0}, verify=False, progress=False)
+    monkeypatch.setattr(grow, "row_parts", lambda shape: base.row_parts(shape, 512))
+    report = grow.convert(src, tmp_path / "sliced", spec, operator_options={"noise": 0.0}, verify=True, progress=False)
+    assert report["verify"]["passed"]
+    whole, sliced = grown_tensors(tmp_path / "whole"), grown_tensors(tmp_path / "sliced")
+    assert whole.keys() == sliced.keys()
+    assert all(torch.equal(whole[k], sliced[k]) for k in whole)
