@@ -4,11 +4,14 @@ A GPT-2-small-sized checkpoint (random weights) is grown 2x wide and 2x deep wit
 `copy` operator. Each measurement runs in a fresh subprocess so its peak resident
 memory is its own:
 
-- floor: read every input tensor and write tensors of the output's exact shapes and
-  shard layout with safetensors, in one process: the least any converter must do;
+- floor (benchmarks/io_floor.py): read every input tensor and write tensors of the
+  output's exact shapes and shard layout with safetensors, in one process: the least any
+  converter must do; and the same floor with an fsync of each file, as modelgrow does;
 - convert: `modelgrow convert --width 2x --depth 2x --no-verify` at two shard sizes.
 
-    python benchmarks/conversion_cost.py [--embd 768 --layers 12] [--out RESULTS.md]
+Repeats are interleaved and the table gives medians.
+
+    python benchmarks/conversion_cost.py [--embd 768 --layers 12] [--repeats 3] [--json OUT]
 """
 
 from __future__ import annotations
@@ -18,56 +21,40 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-FLOOR = r"""
-import json, sys, time, resource
-from pathlib import Path
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-src, grown, dest = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+FLOOR = Path(__file__).with_name("io_floor.py")
+
+
+# The CLI ends with os._exit (modelgrow.cli.run), so the child calls main() itself and
+# reports its clock and peak RSS when main returns.
+CHILD = r"""
+import json, resource, sys, time
 t = time.perf_counter()
-with safe_open(src / "model.safetensors", "pt") as f:
-    total = sum(f.get_tensor(k).numel() for k in f.keys())   # read every input byte
-index = grown / "model.safetensors.index.json"
-shards = {}
-if index.exists():
-    for name, shard in json.loads(index.read_text())["weight_map"].items():
-        shards.setdefault(shard, []).append(name)
-else:
-    shards["model.safetensors"] = None
-dest.mkdir()
-for shard, names in shards.items():
-    with safe_open(grown / shard, "pt") as f:   # shapes only: the header, no data read
-        keys = names or list(f.keys())
-        shapes = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in keys}
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    save_file({k: torch.ones(s, dtype=dtypes[d]) for k, (s, d) in shapes.items()}, dest / shard, metadata={"format": "pt"})
-print(json.dumps({"s": time.perf_counter() - t, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+code = 0
+try:
+    from modelgrow.cli import main
+    main(args=sys.argv[1:], prog_name="modelgrow", standalone_mode=False)
+except SystemExit as e:
+    code = e.code or 0
+print(json.dumps({"s": time.perf_counter() - t, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "code": code}), file=sys.stderr)
 """
 
 
-def child_rss(cmd: list[str]) -> tuple[float, int, str]:
-    wrapper = (
-        "import resource, runpy, sys, time, json;"
-        "t=time.perf_counter();"
-        f"sys.argv={cmd[2:]!r};"
-        "code=0\n"
-        "try:\n runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
-        "except SystemExit as e:\n code=e.code or 0\n"
-        "sys.stderr.write(json.dumps({'s': time.perf_counter()-t, 'rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024, 'code': code})+'\\n')\n"
-        "sys.exit(code)"
-    )
+def child_rss(args: list[str]) -> tuple[float, int, str]:
+    """Run `modelgrow ARGS` in a fresh process: (seconds with imports, peak RSS, stdout)."""
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, env=env)
-    stats = json.loads(proc.stderr.strip().splitlines()[-1])
+    proc = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, env=env)
+    lines = proc.stderr.strip().splitlines()
+    stats = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {"code": proc.returncode or 1}
     if stats["code"]:
-        raise SystemExit(f"failed: {cmd}\n{proc.stderr}")
+        raise SystemExit(f"failed: modelgrow {' '.join(args)}\n{proc.stderr[-3000:]}")
     return stats["s"], stats["rss"], proc.stdout
 
 
@@ -88,6 +75,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--shards", default="500MB,2GB", help="comma-separated --max-shard-size values")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the tables give medians")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
 
@@ -95,47 +83,68 @@ def main() -> None:
     src = work / "src"
     params = make_source(src, args.embd, args.layers)
     in_bytes = (src / "model.safetensors").stat().st_size
+    runs = []
+    # Interleaved: every repeat measures each shard size's convert, floor and floor+fsync in
+    # turn, so a change of load hits all of them alike.
+    for repeat in range(args.repeats):
+        for shard in args.shards.split(","):
+            runs.append({"repeat": repeat, "max_shard_size": shard, **measure(work, src, shard)})
     rows = []
     for shard in args.shards.split(","):
-        out = work / f"grown-{shard}"
-        shutil.rmtree(out, ignore_errors=True)
-        report = work / "report.json"
-        process_s, rss, _ = child_rss([sys.executable, "-m", "modelgrow", "convert", str(src), "-o", str(out),
-                                       "--width", "2x", "--depth", "2x", "--no-verify", "-q", "--max-shard-size", shard,
-                                       "--report", str(report)])
-        # The conversion's own clock (after imports), comparable with the floor's.
-        s = json.loads(report.read_text())["timings"]["total_s"]
-        out_bytes = sum(p.stat().st_size for p in out.iterdir())
-        floor_dest = work / f"floor-{shard}"
-        shutil.rmtree(floor_dest, ignore_errors=True)
-        floor_out = subprocess.run([sys.executable, "-c", FLOOR, str(src), str(out), str(floor_dest)],
-                                   capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
-        if floor_out.returncode:
-            raise SystemExit(floor_out.stderr)
-        floor = json.loads(floor_out.stdout.strip().splitlines()[-1])
-        largest_shard = max(p.stat().st_size for p in out.glob("*.safetensors"))
-        rows.append({
-            "max_shard_size": shard, "convert_s": s, "convert_process_s": process_s, "floor_s": floor["s"], "time_ratio": s / floor["s"],
-            "convert_rss": rss, "floor_rss": floor["rss"], "output_bytes": out_bytes, "largest_shard": largest_shard,
-            "rss_over_output": rss / out_bytes, "shards": len(list(out.glob("*.safetensors"))),
-        })
-        shutil.rmtree(floor_dest, ignore_errors=True)
-        shutil.rmtree(out, ignore_errors=True)
+        mine = [r for r in runs if r["max_shard_size"] == shard]
+        med = {k: statistics.median(r[k] for r in mine) for k in ("convert_s", "floor_s", "floor_fsync_s", "time_ratio",
+                                                                 "fsync_ratio", "convert_rss", "floor_rss")}
+        rows.append({"max_shard_size": shard, "shards": mine[0]["shards"], "output_bytes": mine[0]["output_bytes"],
+                     "repeats": len(mine), "ratios": [r["time_ratio"] for r in mine], **med})
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "source_params": params, "input_bytes": in_bytes, "embd": args.embd, "layers": args.layers, "rows": rows,
+        "runs": runs,
     }
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"source: GPT-2 d={args.embd} L={args.layers}, {params:,} params, {in_bytes / 1e6:.0f} MB -> 2x/2x")
-    print("| --max-shard-size | shards | convert | I/O floor | ratio | convert peak RSS | floor peak RSS | output | RSS / output |")
+    print(f"source: GPT-2 d={args.embd} L={args.layers}, {params:,} params, {in_bytes / 1e6:.0f} MB -> 2x/2x; "
+          f"medians of {args.repeats} interleaved repeats")
+    print("| --max-shard-size | shards | convert | I/O floor | **ratio** (each repeat) | floor + fsync | ratio to it "
+          "| convert peak RSS | floor peak RSS |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['max_shard_size']} | {r['shards']} | {r['convert_s']:.1f} s | {r['floor_s']:.1f} s | {r['time_ratio']:.2f}x "
-              f"| {r['convert_rss'] / 1e9:.2f} GB | {r['floor_rss'] / 1e9:.2f} GB | {r['output_bytes'] / 1e9:.2f} GB | {r['rss_over_output']:.2f} |")
+        each = ", ".join(f"{x:.2f}" for x in r["ratios"])
+        print(f"| {r['max_shard_size']} | {r['shards']} | {r['convert_s']:.1f} s | {r['floor_s']:.1f} s "
+              f"| **{r['time_ratio']:.2f}×** ({each}) | {r['floor_fsync_s']:.1f} s | {r['fsync_ratio']:.2f}× "
+              f"| {r['convert_rss'] / 1e9:.2f} GB | {r['floor_rss'] / 1e9:.2f} GB |")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def floor(src: Path, grown: Path, dest: Path, *more: str) -> dict:
+    shutil.rmtree(dest, ignore_errors=True)
+    proc = subprocess.run([sys.executable, str(FLOOR), str(src), str(grown), str(dest), *more],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    if proc.returncode:
+        raise SystemExit(proc.stderr)
+    shutil.rmtree(dest, ignore_errors=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(work: Path, src: Path, shard: str) -> dict:
+    out = work / f"grown-{shard}"
+    shutil.rmtree(out, ignore_errors=True)
+    report = work / "report.json"
+    process_s, rss, _ = child_rss(["convert", str(src), "-o", str(out),
+                                   "--width", "2x", "--depth", "2x", "--no-verify", "-q", "--max-shard-size", shard,
+                                   "--report", str(report)])
+    # The conversion's own clock (after imports), comparable with the floor's.
+    s = json.loads(report.read_text())["timings"]["total_s"]
+    out_bytes = sum(p.stat().st_size for p in out.iterdir())
+    plain = floor(src, out, work / f"floor-{shard}")
+    synced = floor(src, out, work / f"floor-{shard}", "--fsync")
+    row = {"convert_s": s, "convert_process_s": process_s, "floor_s": plain["s"], "time_ratio": s / plain["s"],
+           "floor_fsync_s": synced["s"], "fsync_ratio": s / synced["s"], "convert_rss": rss, "floor_rss": plain["rss"],
+           "output_bytes": out_bytes, "shards": len(list(out.glob("*.safetensors")))}
+    shutil.rmtree(out, ignore_errors=True)
+    return row
 
 
 if __name__ == "__main__":

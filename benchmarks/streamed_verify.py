@@ -5,18 +5,22 @@ The source has the real shapes (vocabulary 128,256, hidden 2,048, 16 layers, 32 
 8 key/value heads, FFN 8,192, tied embeddings, bf16) and random weights. Each step runs in
 a fresh process so that its peak RSS is its own:
 
-- convert: `modelgrow convert SRC --width 2x --no-verify`;
+- convert: `modelgrow convert SRC --width 2x --no-verify` (with `--deep`, also
+  `--width 2x --depth 2x`, ~8.3B);
+- the I/O floor of the same conversion (benchmarks/io_floor.py), for the time ratio;
 - verify: `modelgrow verify SRC GROWN` (streamed: one block's weights in memory at a time);
 - the whole-model check's weights alone, for comparison: both models in fp32 at once.
 
-    python benchmarks/streamed_verify.py [--quick] [--out RESULTS.md]
+    python benchmarks/streamed_verify.py [--quick] [--deep] [--json OUT] [--out RESULTS.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -89,10 +93,49 @@ def run(args: list[str]) -> dict:
     return stats
 
 
+def floor(src: Path, grown: Path, dest: Path) -> dict:
+    """benchmarks/io_floor.py on this conversion: read every input tensor, write the output's shapes."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("io_floor.py")), str(src), str(grown), str(dest)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"the I/O floor failed: {proc.stderr[-2000:]}")
+    shutil.rmtree(dest, ignore_errors=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def grow_and_verify(work: Path, growth: list[str], params: int) -> dict:
+    """Convert (a fresh process), the I/O floor of the same conversion, verify (another)."""
+    grown = work / "grown"
+    shutil.rmtree(grown, ignore_errors=True)
+    report_path = work / "report.json"
+    conv = run(["convert", str(work / "src"), "-o", str(grown), *growth, "--no-verify", "-q", "--report", str(report_path)])
+    report = json.loads(report_path.read_text())
+    io = floor(work / "src", grown, work / "floor")
+    ver = run(["verify", str(work / "src"), str(grown), "--json"])
+    verdict = json.loads(ver["stdout"])
+    target = report["plan"]["target_params"]
+    out_bytes = sum(p.stat().st_size for p in grown.iterdir())
+    largest_shard = max(p.stat().st_size for p in grown.glob("*.safetensors"))
+    shutil.rmtree(grown, ignore_errors=True)
+    return {
+        "growth": " ".join(growth), "target_params": target, "output_bytes": out_bytes, "largest_shard": largest_shard,
+        # The conversion's own clock (after imports) against the floor's (after its imports).
+        "convert": {"s": report["timings"]["total_s"], "process_s": conv["s"], "rss": conv["rss"],
+                    "estimate": report["estimate"]},
+        "floor": io, "time_ratio": report["timings"]["total_s"] / io["s"],
+        "verify": {"s": ver["s"], "rss": ver["rss"], "passed": verdict["passed"], "max_abs_diff": verdict["max_abs_diff"],
+                   "peak_block_bytes": verdict.get("peak_block_bytes"),
+                   "first_divergent_block": verdict.get("first_divergent_block")},
+        "whole_model_weights_fp32": 4 * (params + target),
+    }
+
+
 def main() -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny shapes (the test suite's mode)")
+    ap.add_argument("--deep", action="store_true", help="also grow 2x wide and 2x deep (~8.3B at full size)")
     ap.add_argument("--out", type=Path, help="append a Markdown section here")
+    ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--work", type=Path, help="folder for the checkpoints (default: a temporary one)")
     a = ap.parse_args()
     shape = QUICK if a.quick else LLAMA_1B
@@ -100,34 +143,28 @@ def main() -> dict:
     t = time.perf_counter()
     params = make_source(work / "src", shape)
     made = time.perf_counter() - t
-    grown = work / "grown"
-    conv = run(["convert", str(work / "src"), "-o", str(grown), "--width", "2x", "--no-verify", "-q", "--json"])
-    report = json.loads(conv["stdout"])
-    ver = run(["verify", str(work / "src"), str(grown), "--json"])
-    verdict = json.loads(ver["stdout"])
-    target = report["plan"]["target_params"]
-    result = {
-        "shape": shape, "source_params": params, "target_params": target, "make_s": made,
-        "convert": {"s": conv["s"], "rss": conv["rss"]},
-        "verify": {"s": ver["s"], "rss": ver["rss"], "passed": verdict["passed"], "max_abs_diff": verdict["max_abs_diff"],
-                   "peak_block_bytes": verdict.get("peak_block_bytes"),
-                   "first_divergent_block": verdict.get("first_divergent_block")},
-        "whole_model_weights_fp32": 4 * (params + target),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-    }
+    growths = [["--width", "2x"]] + ([["--width", "2x", "--depth", "2x"]] if a.deep else [])
+    rows = [grow_and_verify(work, g, params) for g in growths]
+    result = {"shape": shape, "source_params": params, "make_s": made, "rows": rows,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"}
+    shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=2))
+    if a.json:
+        a.json.write_text(json.dumps(result, indent=2) + "\n")
+    gb = 1e9
+    lines = [f"\n### Streamed verification: a {params / 1e9:.2f}B source ({result['date']})\n",
+             "| growth | target | output | convert | I/O floor | **ratio** | convert peak RSS | largest shard "
+             "| verify | verify peak RSS | verdict |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        v = r["verify"]
+        lines.append(f"| `{r['growth']}` | {r['target_params'] / 1e9:.2f}B | {r['output_bytes'] / gb:.1f} GB "
+                     f"| {r['convert']['s']:.0f} s | {r['floor']['s']:.0f} s | **{r['time_ratio']:.2f}×** "
+                     f"| {r['convert']['rss'] / gb:.2f} GB | {r['largest_shard'] / gb:.2f} GB | {v['s']:.0f} s "
+                     f"| {v['rss'] / gb:.2f} GB | {'passed' if v['passed'] else 'FAILED'}, max |Δ| {v['max_abs_diff']:.3g} |")
+    print("\n".join(lines))
     if a.out:
-        gb = 1e9
-        lines = [
-            f"\n### Streamed verification: {params / 1e9:.2f}B → {target / 1e9:.2f}B parameters\n",
-            "| step | wall time | peak RSS |", "| --- | --- | --- |",
-            f"| convert `--width 2x --no-verify` | {conv['s']:.0f} s | {conv['rss'] / gb:.2f} GB |",
-            f"| verify (streamed) | {ver['s']:.0f} s | {ver['rss'] / gb:.2f} GB |",
-            f"| whole-model check, weights alone (both models, fp32) | not run | {result['whole_model_weights_fp32'] / gb:.1f} GB |",
-            "",
-            f"Verdict: {'passed' if verdict['passed'] else 'FAILED'}, max |Δ logits| {verdict['max_abs_diff']:.3g}; the "
-            f"largest block held at once: {verdict.get('peak_block_bytes', 0) / gb:.2f} GB (fp32). {result['machine']}.",
-        ]
         with open(a.out, "a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
     return result

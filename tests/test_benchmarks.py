@@ -63,3 +63,17 @@ def test_fit_quality_quick_beats_copy_on_heldout_text(tmp_path):
             assert r["lr"] == 3e-5 and r["fit_eval"]["before"] > 0 and r["drift"] > 0
             assert r["heldout"] < copy - 1e-3, (model, op, r["heldout"], copy)
     assert "| bert | mango |" in proc.stdout
+
+
+def test_streamed_verify_quick(tmp_path):
+    """The scale benchmark's quick mode: a tiny Llama grown 2x wide in a fresh process, the
+    I/O floor of the same conversion, and a streamed verification that passes."""
+    out = tmp_path / "sv.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "streamed_verify.py"), "--quick", "--work",
+                           str(tmp_path), "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["verify"]["passed"] and row["verify"]["max_abs_diff"] < 1e-3
+    assert row["convert"]["rss"] > 0 and row["floor"]["s"] > 0 and row["time_ratio"] > 0
+    assert row["target_params"] > 3 * json.loads(out.read_text())["source_params"]  # 2x wide: about 4x the parameters
+    assert list(tmp_path.iterdir()) == [out]  # the checkpoints are gone
