@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import model_validator
@@ -22,6 +24,10 @@ RESUME_FREE = ("save_every", "plot", "device", "data", "val_data", "tokenizer")
 # (an output path is given each time, never inherited).
 NOT_RESUMED = ("plot",)
 RESUMED_PATHS = ("data", "val_data", "tokenizer")
+# Hugging Face's Trainer writes it into every checkpoint-N/ folder: log_history holds the
+# learning_rate it logged every logging_steps.
+TRAINER_STATE = "trainer_state.json"
+TRAINER_STATE_BYTES = 256 * 2**20  # a long run's log is tens of MB at most
 
 
 @defaults(lr=1e-3, weight_decay=0.1, eval_batches=8)
@@ -29,6 +35,7 @@ class TrainOptions(LoopOptions):
     """Every knob of a training run; all of them end up in the report."""
 
     kind = "train"
+    _lr_from: str | None = None  # where lr came from when not typed: a record, a step folder (lr_plan)
 
     data: list[Path] | None = option(None, "Training data: text (tokenised with --tokenizer), .npy ids or raw .bin "
                                            "ids; repeat for more files.")
@@ -36,9 +43,24 @@ class TrainOptions(LoopOptions):
                                                "--val-fraction of --data].")
     val_fraction: float = option(0.05, "Tail of the token stream held out for validation.", ge=0, lt=1)
     steps: int = option(1000, "Optimiser steps.", ge=1, strict=True)
+    lr: float = option(1e-3, "Peak learning rate (AdamW): where the cosine starts [default: 1e-3; with --lr-schedule "
+                             "continue: the source's final learning rate, --source-final-lr].", gt=0, le=1e30,
+                       allow_inf_nan=False)
     warmup: int | None = option(None, "Warmup steps [default: --steps // 10; with --relora at most "
                                       "--full-rank-steps if given, else --relora-every: it ends before the LR "
-                                      "first drops to 0].", ge=0, strict=True)
+                                      "first drops to 0; --lr-schedule continue: 0].", ge=0, strict=True)
+    lr_schedule: Literal["rewarm", "continue"] = option(
+        "rewarm", "rewarm: linear warmup to --lr, then cosine to --min-lr-ratio x --lr (a fresh run's schedule). "
+                  "continue: no warmup spike: the first step takes the learning rate the source's training ended at "
+                  "(--source-final-lr, else the last learning_rate in trainer_state.json beside SOURCE; a typed --lr "
+                  "replaces it), then cosine to --min-lr-ratio x that rate; it keeps more of a grown model's head "
+                  "start in short runs (BENCHMARKS.md section 1). A typed --warmup N with continue warms up to that "
+                  "rate over N steps first (a short, low re-warm).")
+    source_final_lr: float | None = option(
+        None, "The learning rate the source's own training ended at (e.g. the last lr_curve value of its train "
+              "report), where --lr-schedule continue starts [default: the last learning_rate logged in "
+              "trainer_state.json beside SOURCE, as Hugging Face's Trainer writes it].", gt=0, le=1e30,
+        allow_inf_nan=False)
     eval_every: int | None = option(None, "Validation every N steps, 0 for only before and after "
                                           "[default: --steps // 10].", ge=0, strict=True)
     train: str = option("all", "Which tensors train: all; new (what growth_map.json beside SOURCE marks as new: "
@@ -74,6 +96,9 @@ class TrainOptions(LoopOptions):
         depends on change, and reports record the value in effect.
         """
         typed = self.model_fields_set
+        if "source_final_lr" in typed and self.lr_schedule != "continue":
+            raise UsageError(f"--source-final-lr sets where --lr-schedule continue starts, not {self.lr_schedule}",
+                             hint="add --lr-schedule continue, or leave it out: rewarm warms up to --lr")
         if self.relora and self.train != "all":
             raise UsageError(f"--train {self.train} with --relora is not supported yet",
                              hint="train the chosen tensors full-rank, or everything with --relora")
@@ -102,16 +127,50 @@ class TrainOptions(LoopOptions):
             return self.full_rank_steps, "--full-rank-steps"
         return self.relora_every, "--relora-every"
 
-    def derived(self) -> dict[str, int]:
+    def derived(self) -> dict[str, int | float]:
         """The defaults that follow from other options, as their help says: warmup, eval_every,
-        restart_warmup (used where the caller gave none; never contradicting what was given)."""
+        restart_warmup, lr (used where the caller gave none; never contradicting what was given).
+
+        lr with --lr-schedule continue: the source's final rate once known (with_source_lr
+        reads it from beside SOURCE); until then the plain default, which no run trains with.
+        """
         first = self.first_drop[0]
-        warmup = self.steps // 10
+        warmup = 0 if self.continues else self.steps // 10
+        final = self.source_final_lr if self.continues else None
         return {
             "warmup": warmup if first is None else min(warmup, first),
             "eval_every": self.steps // 10,
             "restart_warmup": min(50, max(1, self.relora_every // 10), self.relora_every - 1),
+            "lr": type(self).model_fields["lr"].default if final is None else final,
         }
+
+    @property
+    def continues(self) -> bool:
+        return self.lr_schedule == "continue"
+
+    def with_source_lr(self, folder: Path) -> TrainOptions:
+        """These options with the rate --lr-schedule continue starts at: itself when --lr or
+        --source-final-lr gave it, else read from trainer_state.json in ``folder`` (SOURCE's);
+        with neither, one line (exit 2) saying what to pass."""
+        if not self.continues or "lr" in self.model_fields_set or self.source_final_lr is not None:
+            return self
+        lr, where = recorded_final_lr(Path(folder))
+        out = type(self).parse({**self.model_dump(include=self.model_fields_set), "source_final_lr": lr})
+        out._lr_from = where
+        return out
+
+    def lr_plan(self) -> dict[str, Any]:
+        """The report's account of the schedule: its name, the peak rate (where continue's first
+        step starts, without --warmup), where that rate came from, the floor and the warmup.
+        A resumed run's rate comes from its step folder's options unless --lr is given again."""
+        if self._lr_from is not None:
+            where = self._lr_from
+        elif "lr" in self.model_fields_set or not self.continues:
+            where = "--lr" if "lr" in self.model_fields_set else "--lr's default"
+        else:  # None: not known yet (train reads it from beside SOURCE first)
+            where = "--source-final-lr" if self.source_final_lr is not None else None
+        return {"name": self.lr_schedule, "peak_lr": self.lr, "peak_lr_from": where, "warmup": self.warmup_steps,
+                "floor_lr": self.lr * self.min_lr_ratio, "source_final_lr": self.source_final_lr}
 
     def require_data(self) -> TrainOptions:
         """Checked once a resume has had its say: a resumed run may take --data from its step folder."""
@@ -138,12 +197,15 @@ class TrainOptions(LoopOptions):
                     merged[key] = str(Path(start) / value)
         merged.update(self.model_dump(include=self.model_fields_set))
         try:
-            return type(self).parse(merged)
+            out = type(self).parse(merged)
         except UsageError as exc:
             if where is None:
                 raise
             raise InputError(f"the step folder's options do not hold: {exc.problem}", path=where,
                              hint="resume from another step folder, or give the option again") from None
+        # Resumed twice (the API resumes, then train does): the first one's account stays.
+        out._lr_from = self._lr_from if "lr" in self.model_fields_set else "the step folder's options"
+        return out
 
     @property
     def warmup_steps(self) -> int:
@@ -183,6 +245,42 @@ class TrainRun(Options):
     dtype: DtypeName = option("source", "Store the trained weights as bf16, fp16 or fp32 (training keeps fp32 weights "
                                         "either way); source: as SOURCE stores them.")
     keep_card: bool = option(False, "Copy SOURCE's README.md (its model card) instead of writing a new card.")
+
+
+def recorded_final_lr(folder: Path) -> tuple[float, str]:
+    """(the last learning_rate in ``folder``/trainer_state.json's log_history, where it was read).
+
+    Hugging Face's Trainer logs the rate every logging_steps, so it is the last one logged,
+    which may lie a few steps before the end. Nothing else records a source's final rate:
+    `modelgrow convert` carries no trainer_state.json across, and a modelgrow train output
+    records its curve only in the report. Missing or unusable: one line naming the file.
+    """
+    path = folder / TRAINER_STATE
+    hint = "pass --source-final-lr LR, the rate the source's training ended at, or --lr LR to start there"
+    if not path.is_file():
+        raise UsageError(f"--lr-schedule continue starts at the learning rate the source's training ended at, and "
+                         f"nothing beside SOURCE records it (no {TRAINER_STATE} in {folder})", hint=hint)
+    try:
+        if path.stat().st_size > TRAINER_STATE_BYTES:
+            raise InputError(f"over {TRAINER_STATE_BYTES:,} bytes, too large for a trainer state", path=path)
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InputError(f"not readable as JSON ({type(exc).__name__}: {exc})", path=path, hint=hint) from None
+    history = state.get("log_history") if isinstance(state, dict) else None
+    if not isinstance(history, list):
+        raise InputError("no log_history list: not a Hugging Face trainer state", path=path, hint=hint)
+    logged = [e for e in history if isinstance(e, dict) and "learning_rate" in e]
+    if not logged:
+        raise UsageError("--lr-schedule continue: its log_history logs no learning_rate", path=path, hint=hint)
+    lr, step = logged[-1]["learning_rate"], logged[-1].get("step")
+    at = f" at step {step}" if isinstance(step, int) and not isinstance(step, bool) and 0 <= step < 10**15 else ""
+    # Bounds before isfinite: a huge JSON integer overflows a float.
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0 or lr > 1e30 or not math.isfinite(lr):
+        raise InputError(f"the last logged learning_rate{at} is {lr!r:.40}, not a learning rate", path=path, hint=hint)
+    if lr == 0:
+        raise UsageError(f"--lr-schedule continue: the last logged learning_rate{at} is 0 (the source's schedule "
+                         "decayed to zero), where nothing trains", path=path, hint="pass --lr LR to continue at LR")
+    return float(lr), f"{path}: the last learning_rate in log_history{at}"
 
 
 def restart_generator(seed: int, restart: int) -> torch.Generator:

@@ -5,8 +5,8 @@ One loop for both modes: the engine's (modelgrow.engine), shared with the fit pa
 flat gradient all-reduce, rank 0 alone writes):
 
 - AdamW over the trainable parameters (weight decay on matrices and embeddings, not on
-  norms and biases); LR = lr × jagged_cosine(step): linear warmup then cosine to
-  ``min_lr_ratio`` (full-rank), plus ReLoRA's drop to 0 and re-warm at every restart.
+  norms and biases); LR = lr × jagged_cosine(step): warmup (none for ``continue``, whose
+  lr is the source's final rate) then cosine to ``min_lr_ratio``, plus ReLoRA's restarts.
 - ReLoRA (Lialin et al., ICLR 2024; modelgrow.relora): every per-layer matrix of the
   layout gets an adapter (A Kaiming from a generator seeded by (seed, restart), B zero,
   its weight frozen); embeddings, norms, the head and biases train fully.
@@ -83,6 +83,7 @@ def train(checkpoint: str | Path, dest: str | Path, options: TrainOptions | dict
     dest = Path(dest)
     max_shard_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     with open_source(checkpoint, config_path) as source:
+        opts = opts.with_source_lr(source.checkpoint.root)  # --lr-schedule continue: where it starts
         check_destination(source, dest)
         trainer = Trainer(source, opts, dest, resume_from=resume_from, state=state, overwrite=overwrite,
                           report_path=report_path, max_shard_bytes=max_shard_bytes, dtype=dtype)
@@ -214,7 +215,7 @@ class Trainer:
         return {
             "mode": "relora" if o.relora else "full-rank", "task": self.task, "warmup": o.warmup_steps,
             "eval_every": o.eval_interval, "seq_len": self.seq_len, "per_rank_batch": o.batch_size // self.dist.world,
-            "world_size": self.dist.world, "schedule": schedule, "optimizer": "AdamW",
+            "world_size": self.dist.world, "schedule": schedule, "lr_schedule": o.lr_plan(), "optimizer": "AdamW",
             "weight_decay_applies_to": "parameters with dim >= 2 (matrices, embeddings, adapters)",
             "tokenizer": self.tokenizer,
         }

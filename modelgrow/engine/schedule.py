@@ -1,5 +1,12 @@
 """The one learning-rate schedule family: linear warmup, cosine decay to a floor, and
-optionally ReLoRA's restarts (a drop to zero and a re-warm every ``cycle`` steps)."""
+optionally ReLoRA's restarts (a drop to zero and a re-warm every ``cycle`` steps).
+
+The multiplier is of the peak rate the caller scales it by. `modelgrow train`'s
+``--lr-schedule`` choices are members of this one family (train_options.TrainOptions):
+``rewarm`` warms up to ``--lr``; ``continue`` has no warmup (``warmup=0``: step 0 takes
+the peak itself, then the cosine falls monotonically towards ``min_ratio`` x peak) and
+its peak is the rate the source's training ended at.
+"""
 
 from __future__ import annotations
 
@@ -61,7 +68,7 @@ class Schedule:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def describe(self) -> str:
-        text = f"linear warmup, cosine to {self.min_ratio:g} x lr"
+        text = f"{'linear warmup' if self.warmup else 'no warmup'}, cosine to {self.min_ratio:g} x lr"
         if self.cycle:
             where = (f"full-rank for {self.start} steps, then adapters: LR 0 at step {self.start} and every "
                      f"{self.cycle} steps after it" if self.start else f"LR 0 at every {self.cycle}th step")
