@@ -30,6 +30,7 @@ from .options import Options, option
 from .errors import InputError, ModelgrowError, OutputError, UsageError, VerificationError
 from .fit import FitOptions, is_writer, prepare_fit
 from .growth_map import GROWTH_MAP, growth_map
+from .train_options import recorded_final_lr
 from .operators.upcycling import upcycled
 from .plan import GrowthSpec, Plan, make_plan
 from .preflight import Preflight
@@ -176,7 +177,7 @@ def convert(
             t0 = time.perf_counter()
             _write_tensors(plan, op, writer, allow_nonfinite, progress, dtypes.target_dtype(run.dtype))
             writer.write_json("config.json", dtypes.config_with_dtype(plan.config, run.dtype))
-            writer.write_json(GROWTH_MAP, growth_map(plan, op.name, op.learned))
+            writer.write_json(GROWTH_MAP, growth_map(plan, op.name, op.learned, source_final_lr(source)))
             report["tagalong"] = tagalong.write(writer, source.checkpoint.tagalong_found(), plan.old.residual,
                                                 plan.new.residual)
             staged = writer.finish()
@@ -208,6 +209,16 @@ def convert(
     if report_path is not None:
         signals.committed(report_path)
     return report
+
+
+def source_final_lr(source: SourceModel) -> tuple[float, str] | None:
+    """The rate the source's training ended at, when a trainer_state.json beside it (or its
+    own growth map) says: carried into the growth map for `train --lr-schedule continue`.
+    Only a record: one that cannot be read is not this conversion's problem."""
+    try:
+        return recorded_final_lr(source.checkpoint.root)
+    except ModelgrowError:
+        return None
 
 
 RECORDED = ("config", "max_shard_size", "verify", "dtype", "keep_card", "allow_nonfinite", "preflight")

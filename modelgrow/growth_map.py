@@ -29,7 +29,9 @@ def layer_kinds(plan: Plan) -> list[str]:
             for (_, inserted), ident in zip(plan.depth_map, plan.identity)]
 
 
-def growth_map(plan: Plan, operator: str, learned: bool) -> dict:
+def growth_map(plan: Plan, operator: str, learned: bool, source_lr: tuple[float, str] | None = None) -> dict:
+    """What each grown tensor came from; ``source_lr``: (the rate the source's training
+    ended at, where it was read), for `train --lr-schedule continue` on the grown model."""
     kinds = layer_kinds(plan)
     tensors = {}
     for t in plan.targets:
@@ -55,6 +57,7 @@ def growth_map(plan: Plan, operator: str, learned: bool) -> dict:
         "layers": [{"layer": i, "source_layer": s, "kind": k} for i, ((s, _), k) in enumerate(zip(plan.depth_map, kinds))],
         "new_layers": [i for i, k in enumerate(kinds) if k != "original"],
         "tensors": tensors,
+        **({"source_final_lr": {"lr": source_lr[0], "from": source_lr[1]}} if source_lr else {}),
     }
 
 
@@ -88,7 +91,10 @@ def read_growth_map(folder: Path) -> dict | None:
                          hint="convert again to write a fresh one") from None
     if data.get("format") != FORMAT:
         raise UsageError(f"{path}: growth map format {data.get('format')!r}, expected {FORMAT!r}")
-    return {"source_layers": layers, "new_tensors": new}
+    lr = data.get("source_final_lr")
+    lr = lr.get("lr") if isinstance(lr, dict) else None
+    usable = isinstance(lr, float) and 0 < lr <= 1e30  # what json.loads gives for a rate convert wrote
+    return {"source_layers": layers, "new_tensors": new, "source_final_lr": lr if usable else None}
 
 
 def new_tensors(folder: Path) -> set[str]:

@@ -16,6 +16,7 @@ from .checkpoint.sizes import ShardSize
 from .engine.loop import LoopOptions
 from .engine.schedule import Schedule
 from .errors import InputError, UsageError
+from .growth_map import GROWTH_MAP, read_growth_map
 from .options import Options, defaults, option
 
 # Options that do not change the trajectory: a resumed run may give other values.
@@ -251,15 +252,20 @@ def recorded_final_lr(folder: Path) -> tuple[float, str]:
     """(the last learning_rate in ``folder``/trainer_state.json's log_history, where it was read).
 
     Hugging Face's Trainer logs the rate every logging_steps, so it is the last one logged,
-    which may lie a few steps before the end. Nothing else records a source's final rate:
-    `modelgrow convert` carries no trainer_state.json across, and a modelgrow train output
-    records its curve only in the report. Missing or unusable: one line naming the file.
+    which may lie a few steps before the end. Without one, a grown model's growth_map.json:
+    `modelgrow convert` records there the rate a trainer_state.json beside its source gave.
+    (A modelgrow train output records its curve only in the report.) Missing or unusable:
+    one line naming the file.
     """
     path = folder / TRAINER_STATE
     hint = "pass --source-final-lr LR, the rate the source's training ended at, or --lr LR to start there"
     if not path.is_file():
+        grown = read_growth_map(folder)  # a grown model: the rate convert found beside ITS source
+        if grown is not None and grown["source_final_lr"] is not None:
+            return grown["source_final_lr"], f"{folder / GROWTH_MAP}: the source's final rate, recorded by convert"
         raise UsageError(f"--lr-schedule continue starts at the learning rate the source's training ended at, and "
-                         f"nothing beside SOURCE records it (no {TRAINER_STATE} in {folder})", hint=hint)
+                         f"nothing beside SOURCE records it (no {TRAINER_STATE} in {folder}, and no rate in a "
+                         f"{GROWTH_MAP})", hint=hint)
     try:
         if path.stat().st_size > TRAINER_STATE_BYTES:
             raise InputError(f"over {TRAINER_STATE_BYTES:,} bytes, too large for a trainer state", path=path)

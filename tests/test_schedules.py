@@ -239,3 +239,23 @@ def test_a_continued_run_starts_at_the_rate_recorded_beside_source(tmp_path):
     assert result.exit_code == 0, result.output
     again = json.loads(resumed.read_text())
     assert again["lr_curve"] == lr and again["lr_schedule"]["peak_lr_from"] == "the step folder's options"
+
+
+def test_convert_carries_the_source_rate_into_the_growth_map_for_continue(tmp_path):
+    from modelgrow.grow import convert
+    from modelgrow.growth_map import GROWTH_MAP
+    from modelgrow.plan import GrowthSpec
+
+    src = tiny.gpt2(tmp_path / "src", layers=1)
+    _trainer_state(src, [6e-4, 2e-4])
+    convert(src, tmp_path / "grown", GrowthSpec(width="2x"), verify=False, progress=False)
+    recorded = json.loads((tmp_path / "grown" / GROWTH_MAP).read_text())["source_final_lr"]
+    assert recorded["lr"] == 2e-4 and "step 200" in recorded["from"]
+    o = _opts(lr_schedule="continue").with_source_lr(tmp_path / "grown")
+    assert o.lr == 2e-4 and GROWTH_MAP in o.lr_plan()["peak_lr_from"]
+    # A record convert cannot read is not the conversion's problem: no rate, no refusal.
+    (src / TRAINER_STATE).write_text("{broken")
+    convert(src, tmp_path / "plain", GrowthSpec(width="2x"), verify=False, progress=False)
+    assert "source_final_lr" not in json.loads((tmp_path / "plain" / GROWTH_MAP).read_text())
+    with pytest.raises(UsageError, match="and no rate in a growth_map.json"):
+        _opts(lr_schedule="continue").with_source_lr(tmp_path / "plain")
