@@ -4,7 +4,8 @@ real loss, then hand the operator back to the writer.
 - The target module comes from the architecture with its *parameters on the meta
   device* (buffers such as rotary tables stay real), so the big model's weights exist
   only once: as the tensors the operator materialises on every step, passed to
-  ``torch.func.functional_call``.
+  ``torch.func.functional_call``. With ``accumulate`` micro-batches a step still
+  materialises once (class Materialised).
 - Only the operator's tensors are optimised, by the engine's loop (modelgrow.engine)
   that `modelgrow train` uses too: AdamW, linear warmup then cosine decay, every
   setting explicit and recorded (LiGO's own code hid a 10k-step warmup behind a
@@ -162,6 +163,7 @@ class Fit:
             "schedule": o.schedule().describe(), "min_lr_ratio": o.min_lr_ratio,
             "weight_decay": o.weight_decay, "optimizer": "AdamW", "betas": list(o.betas), "eps": o.eps,
             "grad_clip": o.grad_clip, "batch_size": o.batch_size, "per_rank_batch": o.batch_size // self.dist.world,
+            "accumulate": o.accumulate,
             "seq_len": self.seq_len, "seed": o.seed, "eval_batches": o.eval_batches,
             "mask_rate": o.mask_rate if self.task == "masked_lm" else None, "world_size": self.dist.world,
         }
@@ -201,6 +203,8 @@ class Fit:
             # embeddings, norms and residual stream stay fp32 as in ordinary mixed precision.
             return {f"model.{names[k]}": v.float() for k, v in op.materialise().items()}
 
+        grown = Materialised(weights)
+
         # Separate seeded streams: the training windows, the eval windows, the MLM masks.
         held = corpus.WindowSampler(self.data, self.seq_len, o.seed + 1_000_003)
         eval_gen = torch.Generator().manual_seed(o.seed + 2_000_003)
@@ -216,8 +220,8 @@ class Fit:
         loop = Loop(options=o, groups=[{"params": ts, "lr_scale": scale} for scale, ts in by_scale.items()],
                     objective=self.objective, sampler=corpus.WindowSampler(self.data, self.seq_len, o.seed),
                     mask_gen=torch.Generator().manual_seed(o.seed + 3_000_017), dist=self.dist, device=device,
-                    loss_sum=lambda local: self._loss_sum(runner, weights(), local, teacher), schedule=o.schedule(),
-                    name=f"fitting {op.name}", evaluate=evaluate)
+                    loss_sum=lambda local: self._loss_sum(runner, grown.leaves, local, teacher), schedule=o.schedule(),
+                    name=f"fitting {op.name}", evaluate=evaluate, begin_step=grown.begin, end_backward=grown.end)
         settings = self.settings()
         if show:
             tqdm.write(f"fit {op.name}: " + ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None)
@@ -253,6 +257,33 @@ class Fit:
                       metadata={"modelgrow.operator": op.name, "modelgrow.fit_steps": str(o.steps)})
             report["saved_operator"] = str(o.save_operator)
         return report
+
+
+class Materialised:
+    """The grown weights, materialised once per optimiser step (Loop's ``begin_step``)
+    however many micro-batches the step runs.
+
+    The micro-batches' forwards take detached leaf copies (``leaves``), so their
+    gradients add up on the leaves and no micro-batch backpropagates through the
+    operator; ``end`` (Loop's ``end_backward``) then sends the summed gradients through
+    the materialisation once, onto the operator's tensors.
+    """
+
+    def __init__(self, materialise):
+        self.materialise = materialise
+        self.full: dict | None = None
+        self.leaves: dict | None = None
+
+    def begin(self) -> None:
+        self.full = self.materialise()
+        self.leaves = {k: v.detach().requires_grad_(v.requires_grad) for k, v in self.full.items()}
+
+    def end(self) -> None:
+        pairs = [(self.full[k], leaf.grad) for k, leaf in self.leaves.items()
+                 if self.full[k].requires_grad and leaf.grad is not None]
+        self.full = self.leaves = None  # the next step materialises afresh; free this one's graph after
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], grad_tensors=[g for _, g in pairs])
 
 
 def _drift(op: LearnedOperator, params: dict, start: dict) -> dict:

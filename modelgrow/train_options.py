@@ -20,7 +20,7 @@ from .growth_map import GROWTH_MAP, read_growth_map
 from .options import Options, defaults, option
 
 # Options that do not change the trajectory: a resumed run may give other values.
-RESUME_FREE = ("save_every", "plot", "device", "data", "val_data", "tokenizer")
+RESUME_FREE = ("save_every", "plot", "device", "data", "val_data", "tokenizer", "accumulate")
 # Options a resumed run does not take from the step folder: where this run draws its plot
 # (an output path is given each time, never inherited).
 NOT_RESUMED = ("plot",)

@@ -3,9 +3,10 @@
 A pass supplies what differs — the tensors to optimise, the summed loss of a local
 batch, what to do before and after a step (dropout seeds, ReLoRA merges), how to score
 held-out data and how to save a resumable step — and the loop does the rest the same
-way for both: global batches split over ranks, bf16 autocast on CUDA, one flat
-gradient all-reduce, clipping, the learning-rate schedule, AdamW, divergence checks,
-curves, progress and timing.
+way for both: global batches split over ranks (and on each rank into ``accumulate``
+micro-batches, run one after another before one optimiser step), bf16 autocast on
+CUDA, one flat gradient all-reduce, clipping, the learning-rate schedule, AdamW,
+divergence checks, curves, progress and timing.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from pathlib import Path
 from typing import Annotated, Callable
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from ..errors import UsageError
 from ..options import Options, option, seed_option
 from .device import autocast
-from .distributed import Dist, grad_norm, sync_grads
+from .distributed import Dist, grad_norm, sync_grads, world_size
 from .objective import LMObjective
 from .schedule import Schedule
 
@@ -44,6 +45,9 @@ class LoopOptions(Options):
     min_lr_ratio: float = option(0.1, "Where the cosine ends, as a fraction of the peak learning rate.", ge=0, le=1)
     weight_decay: float = option(0.1, "AdamW weight decay.", ge=0, lt=1)
     batch_size: int = option(16, "Global batch in windows, split across torchrun processes.", ge=1, strict=True)
+    accumulate: int = option(1, "Gradient accumulation: each process runs its share of the batch as N consecutive "
+                                "micro-batches (forward and backward each) before one optimiser step; the same "
+                                "gradient, the activation memory of one micro-batch.", ge=1, strict=True)
     seq_len: int | None = option(None, "Tokens per window [default: min(128, the model's positions)].", ge=1, strict=True)
     seed: int = seed_option("Seed of data order, masks and dropout.")
     device: str = option("auto", "Where to run: auto, cpu, cuda or cuda:N; bf16 autocast on CUDA.")
@@ -56,6 +60,20 @@ class LoopOptions(Options):
     mask_token_id: int | None = option(None, "Masked LM: the mask token's id [default: the tokenizer's [MASK]].",
                                        strict=True, cli=False)
     bin_dtype: str | None = option(None, "Raw .bin ids: uint16 or uint32 [default: from the vocabulary size].", cli=False)
+
+    @model_validator(mode="after")
+    def _micro_batches(self) -> LoopOptions:
+        """Every micro-batch needs a window: each process's share of the batch (torchrun's
+        WORLD_SIZE, as engine.distributed reads it) must hold ``accumulate`` of them."""
+        world = world_size()
+        per_rank = self.batch_size // max(1, world)
+        if per_rank < self.accumulate:
+            flag = type(self).flag
+            share = f"{per_rank} per process over {world} processes" if world > 1 else f"only {per_rank}"
+            raise UsageError(f"{flag('accumulate')} {self.accumulate} needs at least {self.accumulate} windows per "
+                             f"process, but {flag('batch_size')} {self.batch_size} gives {share}",
+                             hint=f"lower {flag('accumulate')} or raise {flag('batch_size')}")
+        return self
 
     @property
     def warmup_steps(self) -> int:
@@ -84,10 +102,29 @@ class History:
             self.val_curve.append([done, loss])
 
 
+def micro_batches(local: dict, parts: int) -> list[dict]:
+    """``parts`` consecutive row slices of a rank's batch (sizes differ by one at most).
+    Every tensor is keyed by rows; plain values (the global ``count``) pass through whole."""
+    if parts == 1:
+        return [local]
+    rows = local["input_ids"].shape[0]
+    cuts = [i * rows // parts for i in range(parts + 1)]
+    return [{k: (v[a:b] if torch.is_tensor(v) else v) for k, v in local.items()} for a, b in zip(cuts, cuts[1:])]
+
+
 @dataclass
 class Loop:
     """One optimisation run. ``loss_sum(local_batch)`` returns the summed loss of this
-    rank's rows; the loop divides by the global count. Hooks are optional."""
+    rank's rows (one micro-batch of them, with ``accumulate`` > 1); the loop divides by
+    the global count. Hooks are optional.
+
+    ``begin_step()`` and ``end_backward()`` bracket the micro-batches of one optimiser
+    step: the first runs before the first forward (under autocast, gradients on), the
+    second after the last backward, before the gradient all-reduce. A pass whose
+    forward starts with costly work shared by every micro-batch does it once there (the
+    fit materialises the grown weights in ``begin_step`` and backpropagates their
+    accumulated gradients through that in ``end_backward``).
+    """
 
     options: LoopOptions
     groups: list[dict]  # AdamW parameter groups; "lr_scale" multiplies the scheduled lr
@@ -103,6 +140,8 @@ class Loop:
     eval_every: int = 0  # 0: only before the first step and after the last
     before_step: Callable[[int], None] | None = None
     after_step: Callable[[int], None] | None = None
+    begin_step: Callable[[], None] | None = None
+    end_backward: Callable[[], None] | None = None
     save: Callable[[int], None] | None = None
     save_every: int | None = None
     history: History = field(default_factory=History)
@@ -150,9 +189,17 @@ class Loop:
             self.before_step(step)
         batch = self.objective.batch(self.sampler.windows(o.batch_size), self.mask_gen)
         local = dist.local(batch, self.device)
-        with autocast(self.device):
-            loss = self.loss_sum(local) / batch["count"]
-        loss.backward()
+        if self.begin_step is not None:
+            with autocast(self.device):
+                self.begin_step()
+        loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        for part in micro_batches(local, o.accumulate):
+            with autocast(self.device):
+                part_loss = self.loss_sum(part) / batch["count"]  # the global count: parts add up to the mean
+            part_loss.backward()
+            loss += part_loss.detach().double()
+        if self.end_backward is not None:
+            self.end_backward()
         # Only what trains now: a frozen tensor (ReLoRA's idle adapters or frozen matrices)
         # must not get a zero gradient, on which AdamW would still decay it.
         live = [t for t in self.tensors if t.requires_grad]
@@ -164,7 +211,7 @@ class Loop:
             group["lr"] = lr * scale
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        value = float(dist.sum_(loss.detach().double()))
+        value = float(dist.sum_(loss))
         if not math.isfinite(value):
             raise UsageError(f"{self.name} diverged at step {step}: loss {value}",
                              hint="lower the learning rate or lengthen the warmup; nothing was written")
