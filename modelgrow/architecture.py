@@ -212,3 +212,26 @@ class PrimaryOutput(torch.nn.Module):
 
     def forward(self, *inputs: torch.Tensor, **named: torch.Tensor) -> torch.Tensor:
         return self.arch.call(self.model, self.config, {**dict(zip(self.input_names, inputs)), **named})
+
+
+def block_path(module: torch.nn.Module, keys: list[str]) -> str:
+    """The path of the submodule holding one layer's parameters (``keys``, named from
+    ``module``): the longest common prefix of their names that is a submodule."""
+    parts = [k.split(".") for k in keys]
+    common = []
+    for pieces in zip(*parts):
+        if len(set(pieces)) != 1:
+            break
+        common.append(pieces[0])
+    while common:
+        try:
+            module.get_submodule(".".join(common))
+            return ".".join(common)
+        except AttributeError:
+            common.pop()
+    raise RuntimeError(f"no submodule holds the layer of {keys[0]!r}")
+
+
+def block_module(module: torch.nn.Module, keys: list[str]) -> torch.nn.Module:
+    """The submodule holding one layer's parameters (``block_path``)."""
+    return module.get_submodule(block_path(module, keys))

@@ -29,7 +29,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import corpus
-from .architecture import PrimaryOutput
+from .architecture import PrimaryOutput, block_path
+from .engine.blockwise import blockwise
 from .engine.device import peak_memory, precision, prepare_device, resolve_device
 from .engine.distributed import Dist, is_writer, world_size
 from .engine.loop import LoopOptions, Loop
@@ -61,6 +62,11 @@ class FitOptions(LoopOptions):
     objective: Literal["lm", "distill"] = option(
         "lm", "lm: the model's own loss (causal LM, or masked LM 15%); distill: KL to the small model's logits "
               "(zero at an exact start: for stack/interleave or post-LN growth).")
+    materialise: Literal["whole", "block"] = option(
+        "whole", "whole: the grown weights are made once per step and held (fastest); block: each block's weights "
+                 "are made inside its forward and again in its backward (activation checkpointing), so the grown "
+                 "model never exists whole in memory: for targets too large for that (an operator that makes tensors "
+                 "one at a time, e.g. LiGO).")
     save_operator: Path | None = option(None, "Write the fitted operator tensors (safetensors) here.", cli=False)
 
 
@@ -72,7 +78,11 @@ def prepare_fit(op, options: dict[str, Any] | FitOptions | None, *, read: bool =
             f"operator {op.name!r} says it is learned but has no trainable tensors to fit",
             hint="a learned operator subclasses modelgrow.operators.learned.LearnedOperator",
         )
-    return Fit(op, FitOptions.parse(options), read=read)
+    options = FitOptions.parse(options)
+    if options.materialise == "block" and not op.per_tensor:
+        raise UsageError(f"--fit-materialise block makes each block's weights on their own, and the {op.name} operator "
+                         "makes every layer's weights in one computation", hint="use --fit-materialise whole")
+    return Fit(op, options, read=read)
 
 
 # -- the target module without weights --------------------------------------------------
@@ -156,6 +166,23 @@ class Fit:
                             log_target=True, reduction="sum")
         return self.objective.loss_sum(logits, batch)
 
+    def _blocks(self, runner: nn.Module, names: dict[str, str]) -> tuple[list, dict]:
+        """The targets outside the layers, and each layer's block: its path in ``runner``
+        and the function that makes its weights (engine.blockwise)."""
+        op, by_layer, outside = self.op, {}, []
+        for t in self.plan.targets:
+            (outside if t.layer is None else by_layer.setdefault(t.layer, [])).append(t)
+        blocks = {}
+        for layer, targets in by_layer.items():
+            keys = [f"model.{names[t.name]}" for t in targets]
+            path = block_path(runner, keys)
+            if path in blocks or path in ("", "model"):
+                raise UsageError(f"--fit-materialise block: the layers of {self.source.path} do not each sit in a "
+                                 "submodule of their own", hint="use --fit-materialise whole")
+            local = {t.name: key[len(path) + 1:] for t, key in zip(targets, keys)}
+            blocks[path] = lambda targets=targets, local=local: {local[t.name]: op.compute(t).float() for t in targets}
+        return outside, blocks
+
     def settings(self) -> dict:
         o = self.options
         return {
@@ -163,7 +190,7 @@ class Fit:
             "schedule": o.schedule().describe(), "min_lr_ratio": o.min_lr_ratio,
             "weight_decay": o.weight_decay, "optimizer": "AdamW", "betas": list(o.betas), "eps": o.eps,
             "grad_clip": o.grad_clip, "batch_size": o.batch_size, "per_rank_batch": o.batch_size // self.dist.world,
-            "accumulate": o.accumulate,
+            "accumulate": o.accumulate, "materialise": o.materialise,
             "seq_len": self.seq_len, "seed": o.seed, "eval_batches": o.eval_batches,
             "mask_rate": o.mask_rate if self.task == "masked_lm" else None, "world_size": self.dist.world,
         }
@@ -198,9 +225,14 @@ class Fit:
         for name, t in params.items():
             by_scale.setdefault(op.lr_scale(name), []).append(t)
 
+        # Materialised under autocast (bf16 matmuls on CUDA), handed over in fp32 so the
+        # embeddings, norms and residual stream stay fp32 as in ordinary mixed precision.
+        # Block by block: once per step what lies outside the blocks, each block in its forward.
+        outside, blocks = self._blocks(runner, names) if o.materialise == "block" else (None, None)
+
         def weights() -> dict:
-            # Materialised under autocast (bf16 matmuls on CUDA), handed over in fp32 so the
-            # embeddings, norms and residual stream stay fp32 as in ordinary mixed precision.
+            if blocks:
+                return {f"model.{names[t.name]}": op.compute(t).float() for t in outside}
             return {f"model.{names[k]}": v.float() for k, v in op.materialise().items()}
 
         grown = Materialised(weights)
@@ -226,7 +258,8 @@ class Fit:
         if show:
             tqdm.write(f"fit {op.name}: " + ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None)
                        + f", device={device}, operator tensors={sum(t.numel() for t in loop.tensors):,}", file=sys.stderr)
-        h = loop.run(show=show)
+        with blockwise(runner, blocks) if blocks else contextlib.nullcontext():
+            h = loop.run(show=show)
         op.fitted_steps = o.steps
         loop_s = sum(h.step_times)
         scores = [v for _, v in h.val_curve]

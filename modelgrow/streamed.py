@@ -20,6 +20,7 @@ import torch
 
 from .checkpoint.sizes import row_parts
 from .errors import CheckpointError
+from .architecture import block_module
 from .source import SourceModel
 
 
@@ -95,7 +96,7 @@ def run_streamed(source: SourceModel, inputs: dict[str, torch.Tensor],
     block_of: dict[int, torch.nn.Module] = {}
     for layer, names in sorted(by_layer.items()):
         keys = list(arch.module_tensors(module, {k: _PROBE for k in names}, source.path))
-        block_of[layer] = _block_module(module, keys)
+        block_of[layer] = block_module(module, keys)
     inside = {id(p) for b in block_of.values() for p in b.parameters()}
     _fill_unstored(module, lambda p: id(p) not in inside and id(p) not in lazy)
     for layer, names in sorted(by_layer.items()):
@@ -184,19 +185,3 @@ def _assign(module: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
     path, _, name = key.rpartition(".")
     owner = module.get_submodule(path) if path else module
     owner._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
-
-
-def _block_module(module: torch.nn.Module, keys: list[str]) -> torch.nn.Module:
-    """The submodule holding one layer's parameters: the longest common prefix of their keys."""
-    parts = [k.split(".") for k in keys]
-    common = []
-    for pieces in zip(*parts):
-        if len(set(pieces)) != 1:
-            break
-        common.append(pieces[0])
-    while common:
-        try:
-            return module.get_submodule(".".join(common))
-        except AttributeError:
-            common.pop()
-    raise RuntimeError(f"no submodule holds the layer of {keys[0]!r}")

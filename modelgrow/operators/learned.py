@@ -43,6 +43,9 @@ class LearnedOperator(Operator):
 
     learned = True
     Options = NoiseOptions
+    # compute(target) makes one tensor at about its own share of materialise()'s cost, so
+    # the fit can make each block's weights inside its forward (--fit-materialise block).
+    per_tensor = True
 
     def __init__(self, plan, **options):
         super().__init__(plan, **options)

@@ -68,6 +68,7 @@ class MangoOperator(LearnedOperator):
     name = "mango"
     description = ("learned multi-linear growth (Mango): all per-layer matrices as one tensor mapped by a "
                    "tensor ring of four cores (--rank); starts at the copy solution, fitted with --fit-data")
+    per_tensor = False  # every ring tensor is a slice of one contraction over all layers
 
     def __init__(self, plan, **options):
         super().__init__(plan, **options)
