@@ -29,6 +29,17 @@ class Segment:
     new: int
     key: str | None  # expansion matrix, None: the segment passes through unchanged
     group: int = 1  # units per matrix row (head_dim for whole-head matrices, else 1)
+    # Heads stored as parts side by side (``attn*3``: q, k, v of head 0, then head 1, ...):
+    # one matrix per part, each acting on that part of every head (``head`` units each).
+    parts: tuple[str, ...] = ()
+    head: int = 0
+
+    @property
+    def cost(self) -> int:
+        """Multiply-adds per unit of the other axes (0 for a pass-through)."""
+        if not self.key:
+            return 0
+        return self.new * self.old // (self.group * max(1, len(self.parts)))
 
 
 @dataclass(frozen=True)
@@ -140,11 +151,27 @@ def expand_axis(w: torch.Tensor, step: Step, tensor: Callable[[str], torch.Tenso
 def _expand_segment(w: torch.Tensor, axis: int, seg: Segment, tensor) -> torch.Tensor:
     if seg.key is None:
         return w
+    if seg.parts:
+        return _expand_parts(w, axis, seg, tensor)
     mat = tensor(seg.key)  # [new groups, old groups]
     moved = w.movedim(axis, 0)
     rest = moved.shape[1:]
     grown = mat @ moved.reshape(mat.shape[1], -1)  # a head is a row of head_dim × rest values
     return grown.reshape(mat.shape[0] * seg.group, *rest).movedim(0, axis)
+
+
+def _expand_parts(w: torch.Tensor, axis: int, seg: Segment, tensor) -> torch.Tensor:
+    """Heads of len(parts) × ``head`` units: part p of every head times ``tensor(parts[p])``."""
+    moved = w.movedim(axis, 0)
+    rest = moved.shape[1:]
+    times = len(seg.parts)
+    x = moved.reshape(seg.old // (times * seg.head), times, seg.head, -1)  # [heads, part, head units, rest]
+    grown = []
+    for p, key in enumerate(seg.parts):
+        mat = tensor(key)  # [new rows, old rows], a row = ``group`` units of one head's part
+        part = mat @ x[:, p].reshape(mat.shape[1], -1)
+        grown.append(part.reshape(-1, seg.head, x.shape[-1]))
+    return torch.stack(grown, 1).reshape(seg.new, *rest).movedim(0, axis)
 
 
 def apply_recipe(w: torch.Tensor, recipe: Recipe, tensor: Callable[[str], torch.Tensor],

@@ -7,18 +7,27 @@ Every target tensor is materialised as
 
 where the sum mixes the source layers (depth) and each growable storage axis is
 expanded by a learned matrix M (new × old) along it. Which matrix comes from the
-axis's layout role and whether the axis is read or written:
+axis's layout role and whether the axis is read or written (ligo_attention.py decides,
+from roles, kinds and config values only):
 
-- out-expansions E_r (the axis is written) copy units: one-hot rows at init;
-- in-expansions S_r (the tensor's ``in`` axis, it reads) split units: 1/count at init,
-  the reader's own matrix rather than E_rᵀ, so the split stays exact and learnable;
+- out-expansions E (the axis is written) copy units: one-hot rows at init;
+- in-expansions S (the tensor's ``in`` axis, it reads) split units: 1/count at init,
+  the reader's own matrix rather than Eᵀ, so the split stays exact and learnable;
 - the residual pair (E_res, S_res) is one pair for the whole model: embeddings, norms,
   every residual writer's rows and reader's columns, the head; this keeps the
   residual stream one consistent space, as LiGO ties B_emb everywhere;
-- attn / kv / ffn pairs are per target layer. attn and kv act on whole heads
-  (heads_new × heads_old, ⊗ I_head_dim): head_dim never changes and a rotary pair is
-  never mixed with another dimension;
-- fused axes (q|k|v) are block-diagonal: one matrix per segment;
+- attention, per target layer: separate B_Q, B_K, B_V (``width.out.query|key|value.L``;
+  GQA: B_K and B_V act on key/value heads, B_Q on query heads, kept in step by the copy
+  maps at init); O's input is *tied* to V's output, S_O = diag(r) · (B_V ⊗ I_G) with r
+  the fixed copy split (1/count) and G query heads per kv head, so it is no parameter
+  of its own: the tie is sound with our head layout and keeps the start exact
+  (ligo_attention.py says why; where G changes with the growth, O's input is free).
+  Rows mix across heads (the paper's D2 × D1 B) where positions are known not to be
+  rotary (a learned position table, no rotary config setting, no per-head tensors);
+  otherwise whole heads move ((H2 × H1) ⊗ I_head_dim), so no rotary pair is broken;
+- FFN pairs are per target layer (E_ffn and a separate S_ffn, not the paper's tie);
+- fused axes (q|k|v) are block-diagonal: one matrix per segment; heads stored as parts
+  (``attn*3``) take one matrix per part;
 - depth: one coefficient vector over the source layers per (target layer, tensor),
   weights and biases apart. Init: one-hot on the depth map's source layer; in
   identity mode the inserted layers' residual writers start at all-zero coefficients
@@ -34,9 +43,11 @@ gradients, so neither fitting nor later training could ever separate them.
 ``--noise-mode exact`` adds Gaussian noise to the in-expansions only, zero-sum over the
 copies of each source unit, scaled so each reader column moves by ~ε of its norm: the
 grown function is unchanged (the fit starts at exactly the copy loss) yet copies now
-receive different gradients. ``plain`` also perturbs the out-expansions (not exact).
-Matrices are general (the paper's B), not LiGO-code's [I; C]: that form cannot express
-the normalised split that makes the start exact.
+receive different gradients. O's tied input takes its noise as a fixed offset (a
+buffer, ``noise.width.in.attn.L``), so the tie holds throughout a fit. ``plain`` also
+perturbs the out-expansions (not exact). Matrices are general (the paper's B), not
+LiGO-code's [I; C]: that form cannot express the normalised split that makes the start
+exact.
 """
 
 from __future__ import annotations
@@ -48,58 +59,96 @@ import math
 import torch
 
 from ..hookspecs import hookimpl
-from ..layout import split_role
 from ..maps import AxisMap, circular
 from ..plan import TargetTensor
-from .expansions import Recipe, Step, apply_recipe, build_recipe, copy_matrix, perturb_expansion
+from .expansions import Recipe, Segment, Step, apply_recipe, build_recipe, copy_matrix, perturb_expansion
 from .learned import LearnedOperator, operator_seed
-
-# Roles whose units come in whole heads of head_dim (the role vocabulary's head spaces).
-HEAD_ROLES = ("attn", "kv")
+from .ligo_attention import Attention, Matrix, broadcast, places, segment_matrices, state_numbers
 
 
 class LiGOOperator(LearnedOperator):
     name = "ligo"
-    description = ("learned growth (LiGO): shared residual expansion, per-layer head/FFN expansions, "
-                   "depth mixing; starts at the exact copy solution, fitted with --fit-data")
+    description = ("learned growth (LiGO): shared residual expansion, per-layer Q/K/V (O's input tied to V) "
+                   "and FFN expansions, depth mixing; starts at the exact copy solution, fitted with --fit-data")
 
     def __init__(self, plan, **options):
         super().__init__(plan, **options)
+        self.attention = Attention.of(plan.source.layout, plan.source.config, plan.old, plan.new)
+        self.buffers: dict[str, torch.Tensor] = {}  # fixed tensors of the tied O input (split, noise)
         self._row_maps: dict[str, AxisMap] = {}  # which source unit each matrix row copies
+        self._ties: dict[str, str] = {}  # O's input key -> the value expansion it follows
         self._recipes = {t.name: self._recipe(t) for t in plan.targets}
+        for key in [k for k, v in self._ties.items() if v not in self.params]:  # no value written: free
+            del self._ties[key], self.buffers[f"split.{key}"]
+            self.params[key] = copy_matrix(self._row_maps[key], "in", self.maps.pad_value)
         self._add_noise()
         for t in self.params.values():
             t.requires_grad_(True)
 
+    @classmethod
+    def state_params(cls, source, new, options) -> int:
+        """Exactly the numbers the operator trains: its matrices and depth vectors."""
+        old = source.dims
+        return state_numbers(Attention.of(source.layout, source.config, old, new), source.specs(), old, new)
+
     # -- building the parameterisation -------------------------------------------
 
     def _recipe(self, target: TargetTensor) -> Recipe:
-        layer = target.layer if target.spec.per_layer else None
-        recipe = build_recipe(self.plan, target, self.maps, self.head_norms, self.params,
-                              lambda role, side: self._expansion(role, side, layer))
-        return dataclasses.replace(recipe, steps=_cheapest_order(recipe.steps, target.source_shape))
+        spec = target.spec
+        layer = target.layer if spec.per_layer else None
+        recipe = build_recipe(self.plan, target, self.maps, self.head_norms, self.params, lambda role, side: ("?", 1))
+        steps = []
+        for step in recipe.steps:
+            roles = spec.axes[step.axis]
+            side = "in" if step.axis == spec.in_axis else "out"
+            steps.append(Step(step.axis, tuple(
+                self._segment(segment_matrices(self.attention, spec, side, role, place, layer, self.plan.old.head_dim), s)
+                if s.key else s for role, place, s in zip(roles, places(roles), step.segments))))
+        return dataclasses.replace(recipe, steps=_cheapest_order(tuple(steps), target.source_shape))
 
-    def _expansion(self, role: str, side: str, layer: int | None) -> tuple[str, int]:
-        """The key of a role's expansion matrix (created on first use) and its row group."""
-        # The residual stream is one space for the whole model; head and FFN spaces are
-        # private to each layer.
-        key = f"width.{side}.{role}" + (f".{layer}" if layer is not None and role != "residual" else "")
-        base, times = split_role(role)
-        group = self.plan.old.head_dim * times if base in HEAD_ROLES else 1
-        if key not in self.params:
-            m = self.maps.role(role)
-            if group > 1:
-                m = _head_level(m, group)
-            self.params[key] = copy_matrix(m, side, self.maps.pad_value)
-            self._row_maps[key] = m
-        return key, group
+    def _segment(self, matrices: tuple[Matrix, ...], seg: Segment) -> Segment:
+        for m in matrices:
+            self._make(m)
+        first = matrices[0]
+        if len(matrices) == 1:
+            return Segment(seg.old, seg.new, first.key, first.group)
+        return Segment(seg.old, seg.new, first.key, first.group, tuple(m.key for m in matrices), self.plan.old.head_dim)
+
+    def _make(self, m: Matrix) -> None:
+        """Create a matrix on first use: copy-initialised, or O's input tied to the value's."""
+        if m.key in self._row_maps:
+            return
+        rows = self.maps.role(m.role)
+        if m.group > 1:
+            rows = _head_level(rows, m.group)
+        self._row_maps[m.key] = rows
+        if m.tied_to is None:
+            self.params[m.key] = copy_matrix(rows, m.side, self.maps.pad_value)
+        else:
+            self._ties[m.key] = m.tied_to
+            self.buffers[f"split.{m.key}"] = torch.where(rows.pad, 0.0, 1.0 / rows.count)
 
     def _add_noise(self) -> None:
         if self.noise == 0:
             return
         for key, m in self._row_maps.items():
             gen = operator_seed(self.seed, f"ligo:{key}")
-            perturb_expansion(self.params[key], m, key.split(".")[1], self.noise, self.noise_mode, gen)
+            if key in self._ties:  # a fixed offset: the learned tie stays a tie
+                noise = torch.zeros(m.index.numel(), m.old_size)
+                perturb_expansion(noise, m, "in", self.noise, self.noise_mode, gen)
+                self.buffers[f"noise.{key}"] = noise
+            else:
+                perturb_expansion(self.params[key], m, key.split(".")[1], self.noise, self.noise_mode, gen)
+
+    def expansion(self, key: str) -> torch.Tensor:
+        """The matrix of ``key`` as the recipes use it (O's tied input made from B_V)."""
+        value = self._ties.get(key)
+        if value is None:
+            return self.params[key]
+        unit = self.plan.old.head_dim if self.attention.rows else 1  # matrix rows per head
+        mat = self.buffers[f"split.{key}"][:, None] * broadcast(self.params[value], self.attention.groups, unit)
+        noise = self.buffers.get(f"noise.{key}")
+        return mat if noise is None else mat + noise
 
     # -- LearnedOperator -----------------------------------------------------------
 
@@ -114,9 +163,13 @@ class LiGOOperator(LearnedOperator):
 
     def compute(self, target: TargetTensor) -> torch.Tensor:
         w = self._source_tensors()[target.spec.name]
-        w = apply_recipe(w, self._recipes[target.name], self.params.__getitem__, self.maps.maps["residual"])
+        w = apply_recipe(w, self._recipes[target.name], self.expansion, self.maps.maps["residual"])
         assert tuple(w.shape) == target.shape, (target.name, tuple(w.shape), target.shape)
         return w
+
+    def to(self, device) -> None:
+        super().to(device)
+        self.buffers = {k: v.to(self.device) for k, v in self.buffers.items()}
 
     # -- reporting -----------------------------------------------------------------
 
@@ -132,6 +185,8 @@ class LiGOOperator(LearnedOperator):
             "noise_on": "in-expansions, zero-sum over copies" if self.noise_mode == "exact" else "all expansions",
             "params": sum(t.numel() for t in self.params.values()),
             "width_matrices": sum(1 for k in self.params if k.startswith("width.")),
+            "tied_matrices": len(self._ties),
+            "attention": self.attention.describe(),
             "depth_vectors": sum(1 for k in self.params if k.startswith("depth.")),
         }
 
@@ -156,7 +211,7 @@ def _cheapest_order(steps: tuple[Step, ...], shape: tuple[int, ...]) -> tuple[St
         sizes, total = list(shape), 0
         for step in order:
             others = math.prod(sizes) // sizes[step.axis]
-            total += sum(s.new * s.old // s.group for s in step.segments if s.key) * others
+            total += sum(s.cost for s in step.segments) * others
             sizes[step.axis] = sum(s.new for s in step.segments)
         return total
 
