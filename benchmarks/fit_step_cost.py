@@ -9,7 +9,7 @@ dropout off in both. The ratio fit/plain is the figure of merit (goal: <= 1.5x).
 
     python benchmarks/fit_step_cost.py                      # GPT-2 d=256 -> 512, 4 -> 8 layers
     python benchmarks/fit_step_cost.py --batch 4 --seq 128  # materialisation matters more
-    python benchmarks/fit_step_cost.py --operator mango     # Mango at its default rank (4)
+    python benchmarks/fit_step_cost.py --operator mango     # Mango at its default (auto) rank
 
 Random weights and random token ids: cost does not depend on the values.
 """
@@ -68,8 +68,9 @@ def plain_steps(plan, device, args) -> list[float]:
 
 
 def fit_steps(plan, data: Path, device, args) -> tuple[list[float], dict]:
-    op_options = {"noise": 0.01, **({"rank": args.rank} if args.operator == "mango" else {})}
+    op_options = {"noise": 0.01, **({"rank": args.rank} if args.operator == "mango" and args.rank else {})}
     op = plugins.get_operator(args.operator)(plan, **op_options)
+    args.resolved_rank = op.describe_options().get("rank")  # the auto rank, resolved
     options = FitOptions(data=[str(data)], steps=args.warmup + args.steps, batch_size=args.batch, seq_len=args.seq,
                          eval_batches=0, device=str(device))
     report = prepare_fit(op, options).run(progress=False)
@@ -90,7 +91,7 @@ def _sync(device):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--operator", default="ligo", choices=["ligo", "mango"])
-    ap.add_argument("--rank", type=int, default=4, help="mango's ring rank")
+    ap.add_argument("--rank", type=int, default=None, help="mango's ring rank [default: the operator's, auto]")
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=50257)
@@ -124,7 +125,7 @@ def main() -> None:
     p, f = min(plain), min(fit)
     result = {
         "source": plan.old.as_dict(), "target": plan.new.as_dict(), "target_params": plan.target_params(),
-        "operator": args.operator, "rank": args.rank if args.operator == "mango" else None,
+        "operator": args.operator, "rank": getattr(args, "resolved_rank", None) if args.operator == "mango" else None,
         "operator_params": report["operator_params"], "batch": args.batch, "seq": args.seq,
         "tokens_per_step": args.batch * args.seq, "device": str(device), "threads": torch.get_num_threads(),
         "plain_step_s": p, "fit_step_s": f, "ratio": f / p,
