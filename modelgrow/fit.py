@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from . import corpus
 from .architecture import PrimaryOutput, block_path
 from .engine.blockwise import blockwise
+from .engine.sharding import shard
 from .engine.device import peak_memory, precision, prepare_device, resolve_device
 from .engine.distributed import Dist, is_writer, world_size
 from .engine.loop import LoopOptions, Loop
@@ -67,6 +68,8 @@ class FitOptions(LoopOptions):
                  "are made inside its forward and again in its backward (activation checkpointing), so the grown "
                  "model never exists whole in memory: for targets too large for that (an operator that makes tensors "
                  "one at a time, e.g. LiGO).")
+    shard: bool = option(True, "Under torchrun, shard the operator's tensors and their AdamW state over the "
+                               "processes (FSDP2) rather than hold a copy in each (with --fit-materialise whole).")
     save_operator: Path | None = option(None, "Write the fitted operator tensors (safetensors) here.", cli=False)
 
 
@@ -129,6 +132,9 @@ class Fit:
         plan = op.plan
         self.plan, self.source, self.arch = plan, plan.source, plan.source.arch
         self.dist = Dist.from_env()
+        # FSDP2 shards the operator when there are processes to shard over and the grown
+        # weights are made in one call (block by block, each block reads them on its own).
+        self.sharding = options.shard and self.dist.world > 1 and options.materialise == "whole"
         self.task = self.arch.task(plan.config)
         self.data = None
         if options.steps == 0 and not options.data:
@@ -190,7 +196,7 @@ class Fit:
             "schedule": o.schedule().describe(), "min_lr_ratio": o.min_lr_ratio,
             "weight_decay": o.weight_decay, "optimizer": "AdamW", "betas": list(o.betas), "eps": o.eps,
             "grad_clip": o.grad_clip, "batch_size": o.batch_size, "per_rank_batch": o.batch_size // self.dist.world,
-            "accumulate": o.accumulate, "materialise": o.materialise,
+            "accumulate": o.accumulate, "materialise": o.materialise, "sharded": self.sharding,
             "seq_len": self.seq_len, "seed": o.seed, "eval_batches": o.eval_batches,
             "mask_rate": o.mask_rate if self.task == "masked_lm" else None, "world_size": self.dist.world,
         }
@@ -219,11 +225,7 @@ class Fit:
             from .source import load_module
 
             teacher = load_module(self.source).to(device).eval()
-        params = op.parameters()
-        start_values = {k: v.detach().clone() for k, v in params.items()}
-        by_scale: dict[float, list] = {}
-        for name, t in params.items():
-            by_scale.setdefault(op.lr_scale(name), []).append(t)
+        start_values = {k: v.detach().clone() for k, v in op.parameters().items()}
 
         # Materialised under autocast (bf16 matmuls on CUDA), handed over in fp32 so the
         # embeddings, norms and residual stream stay fp32 as in ordinary mixed precision.
@@ -235,7 +237,19 @@ class Fit:
                 return {f"model.{names[t.name]}": op.compute(t).float() for t in outside}
             return {f"model.{names[k]}": v.float() for k, v in op.materialise().items()}
 
-        grown = Materialised(weights)
+        sharded = None
+        if self.sharding:  # FSDP2: each process steps its slice; calling `sharded` gathers and materialises
+            def make(whole: dict) -> dict:
+                op.params = whole
+                return weights()
+
+            sharded = shard(op.parameters(), make, self.dist.world, device)
+        made = sharded if sharded is not None else weights
+        trained = sharded.sharded() if sharded is not None else op.parameters()
+        by_scale: dict[float, list] = {}
+        for name, t in trained.items():
+            by_scale.setdefault(op.lr_scale(name), []).append(t)
+        grown = Materialised(made, grad_scale=self.dist.world if sharded is not None else 1)
 
         # Separate seeded streams: the training windows, the eval windows, the MLM masks.
         held = corpus.WindowSampler(self.data, self.seq_len, o.seed + 1_000_003)
@@ -246,20 +260,24 @@ class Fit:
         def evaluate() -> float | None:
             if not eval_set:
                 return None
-            w = weights()
+            w = made()
             return mean_loss(self.dist, device, eval_set, lambda local: self._loss_sum(runner, w, local, teacher))
 
         loop = Loop(options=o, groups=[{"params": ts, "lr_scale": scale} for scale, ts in by_scale.items()],
                     objective=self.objective, sampler=corpus.WindowSampler(self.data, self.seq_len, o.seed),
                     mask_gen=torch.Generator().manual_seed(o.seed + 3_000_017), dist=self.dist, device=device,
                     loss_sum=lambda local: self._loss_sum(runner, grown.leaves, local, teacher), schedule=o.schedule(),
-                    name=f"fitting {op.name}", evaluate=evaluate, begin_step=grown.begin, end_backward=grown.end)
+                    name=f"fitting {op.name}", evaluate=evaluate, begin_step=grown.begin, end_backward=grown.end,
+                    summed=sharded is not None)
         settings = self.settings()
         if show:
             tqdm.write(f"fit {op.name}: " + ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None)
                        + f", device={device}, operator tensors={sum(t.numel() for t in loop.tensors):,}", file=sys.stderr)
         with blockwise(runner, blocks) if blocks else contextlib.nullcontext():
             h = loop.run(show=show)
+        if sharded is not None:
+            op.params = sharded.gathered()  # whole again, on every process, for the writer
+        params = op.parameters()
         op.fitted_steps = o.steps
         loop_s = sum(h.step_times)
         scores = [v for _, v in h.val_curve]
@@ -271,6 +289,8 @@ class Fit:
             "backend": self.dist.backend,
             "data": self.data.describe(),
             "operator_params": sum(t.numel() for t in loop.tensors),
+            # What this process held and stepped: all of them, or its FSDP2 slice.
+            "operator_params_local": sum((t.to_local() if hasattr(t, "to_local") else t).numel() for t in loop.tensors),
             "eval": {"batches": o.eval_batches, "windows": o.eval_batches * o.batch_size,
                      "before": scores[0] if scores else None, "after": scores[-1] if scores else None},
             "loss_curve": h.loss_curve,
@@ -302,8 +322,8 @@ class Materialised:
     the materialisation once, onto the operator's tensors.
     """
 
-    def __init__(self, materialise):
-        self.materialise = materialise
+    def __init__(self, materialise, grad_scale: float = 1):
+        self.materialise, self.grad_scale = materialise, grad_scale  # grad_scale: engine.sharding's averaging undone
         self.full: dict | None = None
         self.leaves: dict | None = None
 
@@ -316,7 +336,8 @@ class Materialised:
                  if self.full[k].requires_grad and leaf.grad is not None]
         self.full = self.leaves = None  # the next step materialises afresh; free this one's graph after
         if pairs:
-            torch.autograd.backward([t for t, _ in pairs], grad_tensors=[g for _, g in pairs])
+            scale = self.grad_scale
+            torch.autograd.backward([t for t, _ in pairs], grad_tensors=[g * scale if scale != 1 else g for _, g in pairs])
 
 
 def _drift(op: LearnedOperator, params: dict, start: dict) -> dict:

@@ -141,9 +141,12 @@ import sys, torch
 from modelgrow.grow import convert
 from modelgrow.plan import GrowthSpec
 src, data, out, saved = sys.argv[1:5]
-convert(src, out, GrowthSpec(width="2x", depth="2x"), operator="ligo", operator_options={"noise": 0.01},
-        fit_options={"data": [data], "steps": 6, "batch_size": 4, "seq_len": 16, "eval_batches": 1,
-                     "device": "cpu", "save_operator": saved}, verify=False, progress=False)
+report = convert(src, out, GrowthSpec(width="2x", depth="2x"), operator="ligo", operator_options={"noise": 0.01},
+                 fit_options={"data": [data], "steps": 6, "batch_size": 4, "seq_len": 16, "eval_batches": 1,
+                              "device": "cpu", "save_operator": saved}, verify=False, progress=False)
+fit = report["fit"]
+print("FIT", torch.distributed.get_rank() if torch.distributed.is_initialized() else 0, fit["sharded"],
+      fit["operator_params"], fit["operator_params_local"], flush=True)
 """
 
 
@@ -164,6 +167,11 @@ def test_two_process_torchrun_agrees_with_one_process(tmp_path):
            str(tmp_path / "two.safetensors")]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
+    # FSDP2: each process held and stepped its own slice of the operator (about half).
+    fits = [line.split()[1:] for line in run.stdout.splitlines() if line.startswith("FIT")]
+    assert len(fits) == 2 and all(sharded == "True" for _, sharded, _, _ in fits), run.stdout
+    total, parts = int(fits[0][2]), [int(f[3]) for f in fits]
+    assert sum(parts) == total and max(parts) < 0.6 * total, fits
     one, two = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
     assert one.keys() == two.keys()
     worst = max((one[k] - two[k]).abs().max().item() for k in one)

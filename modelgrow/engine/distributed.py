@@ -93,5 +93,6 @@ def sync_grads(dist: Dist, tensors: list[torch.Tensor]) -> None:
 
 
 def grad_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    grads = [t.grad.detach().norm() for t in tensors if t.grad is not None]
-    return torch.stack(grads).norm() if grads else torch.zeros(())
+    """The gradients' global 2-norm (sharded ones included), without clipping."""
+    grads = [t.grad.detach() for t in tensors if t.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())

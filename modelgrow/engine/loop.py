@@ -25,6 +25,7 @@ from ..errors import UsageError
 from ..options import Options, option, seed_option
 from .device import autocast
 from .distributed import Dist, grad_norm, sync_grads, world_size
+from .sharding import full_norm
 from .objective import LMObjective
 from .schedule import Schedule
 
@@ -142,6 +143,7 @@ class Loop:
     after_step: Callable[[int], None] | None = None
     begin_step: Callable[[], None] | None = None
     end_backward: Callable[[], None] | None = None
+    summed: bool = False  # the tensors are FSDP2 shards (engine.sharding): their gradients arrive summed
     save: Callable[[int], None] | None = None
     save_every: int | None = None
     history: History = field(default_factory=History)
@@ -203,9 +205,10 @@ class Loop:
         # Only what trains now: a frozen tensor (ReLoRA's idle adapters or frozen matrices)
         # must not get a zero gradient, on which AdamW would still decay it.
         live = [t for t in self.tensors if t.requires_grad]
-        sync_grads(dist, live)
+        if not self.summed:
+            sync_grads(dist, live)
         clip = o.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(live, clip) if clip > 0 else grad_norm(live)
+        norm = full_norm(torch.nn.utils.clip_grad_norm_(live, clip) if clip > 0 else grad_norm(live))
         lr = o.lr * self.schedule(step)
         for group, scale in zip(self.optimizer.param_groups, self.scales):
             group["lr"] = lr * scale
