@@ -120,6 +120,8 @@ def convert(
     max_shard_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     dry_run = dry_run or dest is None
     with open_source(source_path, config_path) as source:
+        # Opening reads the headers and checks the config, with transformers (imported here).
+        timings["open_s"] = time.perf_counter() - started
         try:
             kind = plugins.get_operator(operator)
             gate = Preflight(source, spec, kind, options, dtype=run.dtype, shard_bytes=max_shard_bytes,
