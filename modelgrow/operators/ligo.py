@@ -25,7 +25,11 @@ from roles, kinds and config values only):
   Rows mix across heads (the paper's D2 × D1 B) where positions are known not to be
   rotary (a learned position table, no rotary config setting, no per-head tensors);
   otherwise whole heads move ((H2 × H1) ⊗ I_head_dim), so no rotary pair is broken;
-- FFN pairs are per target layer (E_ffn and a separate S_ffn, not the paper's tie);
+- FFN, per target layer: one out-expansion E_ffn (``width.out.ffn.L``, gate and up alike)
+  and the down projection's input *tied* to it, S_ffn = diag(r) · E_ffn (the paper's
+  A^fc2 = (B^fc1)ᵀ with the copy split), no parameter of its own; the same for experts'
+  FFN axes (``expert_ffn``) and a shared expert's (``shared_ffn``); free only where
+  nothing in the layer writes the axis;
 - fused axes (q|k|v) are block-diagonal: one matrix per segment; heads stored as parts
   (``attn*3``) take one matrix per part;
 - depth: one coefficient vector over the source layers per (target layer, tensor),
@@ -43,11 +47,11 @@ gradients, so neither fitting nor later training could ever separate them.
 ``--noise-mode exact`` adds Gaussian noise to the in-expansions only, zero-sum over the
 copies of each source unit, scaled so each reader column moves by ~ε of its norm: the
 grown function is unchanged (the fit starts at exactly the copy loss) yet copies now
-receive different gradients. O's tied input takes its noise as a fixed offset (a
-buffer, ``noise.width.in.attn.L``), so the tie holds throughout a fit. ``plain`` also
-perturbs the out-expansions (not exact). Matrices are general (the paper's B), not
-LiGO-code's [I; C]: that form cannot express the normalised split that makes the start
-exact.
+receive different gradients. A tied input (O's, the FFN's) takes its noise as a fixed
+offset (a buffer, ``noise.width.in.attn.L``, ``noise.width.in.ffn.L``), so the tie holds
+throughout a fit. ``plain`` also perturbs the out-expansions (not exact). Matrices are
+general (the paper's B), not LiGO-code's [I; C]: that form cannot express the normalised
+split that makes the start exact.
 """
 
 from __future__ import annotations
@@ -63,22 +67,24 @@ from ..maps import AxisMap, circular
 from ..plan import TargetTensor
 from .expansions import Recipe, Segment, Step, apply_recipe, build_recipe, copy_matrix, perturb_expansion
 from .learned import LearnedOperator, operator_seed
-from .ligo_attention import Attention, Matrix, broadcast, places, segment_matrices, state_numbers
+from .ligo_attention import (FFN_ROLES, Attention, Matrix, broadcast, fixed_numbers, places, segment_matrices,
+                             state_numbers)
 
 
 class LiGOOperator(LearnedOperator):
     name = "ligo"
     description = ("learned growth (LiGO): shared residual expansion, per-layer Q/K/V (O's input tied to V) "
-                   "and FFN expansions, depth mixing; starts at the exact copy solution, fitted with --fit-data")
+                   "and FFN (its down projection's input tied to it) expansions, depth mixing; starts at the "
+                   "exact copy solution, fitted with --fit-data")
 
     def __init__(self, plan, **options):
         super().__init__(plan, **options)
         self.attention = Attention.of(plan.source.layout, plan.source.config, plan.old, plan.new)
-        self.buffers: dict[str, torch.Tensor] = {}  # fixed tensors of the tied O input (split, noise)
+        self.buffers: dict[str, torch.Tensor] = {}  # fixed tensors of the tied inputs (split, noise)
         self._row_maps: dict[str, AxisMap] = {}  # which source unit each matrix row copies
-        self._ties: dict[str, str] = {}  # O's input key -> the value expansion it follows
+        self._ties: dict[str, Matrix] = {}  # a tied input (O's, the FFN's) by key; tied_to: what it follows
         self._recipes = {t.name: self._recipe(t) for t in plan.targets}
-        for key in [k for k, v in self._ties.items() if v not in self.params]:  # no value written: free
+        for key in [k for k, m in self._ties.items() if m.tied_to not in self.params]:  # nothing written: free
             del self._ties[key], self.buffers[f"split.{key}"]
             self.params[key] = copy_matrix(self._row_maps[key], "in", self.maps.pad_value)
         self._add_noise()
@@ -90,6 +96,13 @@ class LiGOOperator(LearnedOperator):
         """Exactly the numbers the operator trains: its matrices and depth vectors."""
         old = source.dims
         return state_numbers(Attention.of(source.layout, source.config, old, new), source.specs(), old, new)
+
+    @classmethod
+    def state_bytes(cls, source, new, options) -> int:
+        """Also the tied inputs' fixed buffers (fp32, no gradient nor optimiser state)."""
+        old, noise = source.dims, options.get("noise", 0.01) != 0
+        fixed = fixed_numbers(Attention.of(source.layout, source.config, old, new), source.specs(), old, new, noise)
+        return super().state_bytes(source, new, options) + 4 * fixed
 
     # -- building the parameterisation -------------------------------------------
 
@@ -115,7 +128,7 @@ class LiGOOperator(LearnedOperator):
         return Segment(seg.old, seg.new, first.key, first.group, tuple(m.key for m in matrices), self.plan.old.head_dim)
 
     def _make(self, m: Matrix) -> None:
-        """Create a matrix on first use: copy-initialised, or O's input tied to the value's."""
+        """Create a matrix on first use: copy-initialised, or an input tied to an out-expansion."""
         if m.key in self._row_maps:
             return
         rows = self.maps.role(m.role)
@@ -125,7 +138,7 @@ class LiGOOperator(LearnedOperator):
         if m.tied_to is None:
             self.params[m.key] = copy_matrix(rows, m.side, self.maps.pad_value)
         else:
-            self._ties[m.key] = m.tied_to
+            self._ties[m.key] = m
             self.buffers[f"split.{m.key}"] = torch.where(rows.pad, 0.0, 1.0 / rows.count)
 
     def _add_noise(self) -> None:
@@ -141,12 +154,13 @@ class LiGOOperator(LearnedOperator):
                 perturb_expansion(self.params[key], m, key.split(".")[1], self.noise, self.noise_mode, gen)
 
     def expansion(self, key: str) -> torch.Tensor:
-        """The matrix of ``key`` as the recipes use it (O's tied input made from B_V)."""
-        value = self._ties.get(key)
-        if value is None:
+        """The matrix of ``key`` as the recipes use it (a tied input made from the
+        out-expansion it follows: O's from B_V, the FFN's from E_ffn)."""
+        tie = self._ties.get(key)
+        if tie is None:
             return self.params[key]
-        unit = self.plan.old.head_dim if self.attention.rows else 1  # matrix rows per head
-        mat = self.buffers[f"split.{key}"][:, None] * broadcast(self.params[value], self.attention.groups, unit)
+        unit = self.plan.old.head_dim // tie.group  # matrix rows per head (broadcast over query heads only)
+        mat = self.buffers[f"split.{key}"][:, None] * broadcast(self.params[tie.tied_to], tie.repeat, unit)
         noise = self.buffers.get(f"noise.{key}")
         return mat if noise is None else mat + noise
 
@@ -187,8 +201,19 @@ class LiGOOperator(LearnedOperator):
             "width_matrices": sum(1 for k in self.params if k.startswith("width.")),
             "tied_matrices": len(self._ties),
             "attention": self.attention.describe(),
+            "ffn_input": self._ffn_inputs(),
             "depth_vectors": sum(1 for k in self.params if k.startswith("depth.")),
         }
+
+    def _ffn_inputs(self) -> dict[str, str]:
+        """Per FFN role grown: whether its readers' input expansions are tied (all of them)."""
+        keys: dict[str, list[str]] = {}
+        for key in self._row_maps:
+            side, role = key.split(".")[1:3]
+            if side == "in" and role in FFN_ROLES:
+                keys.setdefault(role, []).append(key)
+        return {role: "tied to its out-expansion (diag(1/copies) · E)" if all(k in self._ties for k in found)
+                else "free: nothing in the layer writes the axis it reads" for role, found in keys.items()}
 
 
 def _head_level(m: AxisMap, head_dim: int) -> AxisMap:

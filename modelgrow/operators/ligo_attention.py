@@ -33,6 +33,16 @@ Attention, as in the paper (Wang et al. 2023, §3.2) and its code:
   ``partial_rotary_factor``, ...) nor a ``position_embedding_type`` other than
   ``absolute``, and no tensor has a ``head_dim`` axis. Otherwise heads move whole
   ((H2 × H1) ⊗ I_head_dim), Q, K and V alike.
+
+The FFN, as in the paper (A^fc2 = (B^fc1)ᵀ) and its code: the input expansion of the
+tensors that read an FFN axis (the down projection) is tied to the per-layer
+out-expansion of the tensors that write it (the up projection, and a gated FFN's gate,
+which share one: ``width.out.ffn.L``), S_ffn = diag(r) · E_ffn with r the fixed copy
+split, as for O. The same holds for a mixture of experts' FFN axes (``expert_ffn``, one
+pair per layer shared by its experts, as before) and a shared expert's (``shared_ffn``).
+Sound because reader and writer index one axis with one unit map and the activation
+(and a gate's product) acts unit by unit, so copies of a unit stay copies through it at
+the start. Where nothing in the layer writes the axis it reads, a reader's input is free.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ from ..layout import NORM_KINDS, Dims, Layout, TensorSpec, split_role
 HEAD_ROLES = ("attn", "kv")  # roles whose units come in heads of head_dim
 QUERY, KEY, VALUE = "query", "key", "value"
 PART_SLOTS = {("attn", 3): (QUERY, KEY, VALUE), ("kv", 2): (KEY, VALUE)}  # heads stored as parts
+FFN_ROLES = ("ffn", "expert_ffn", "shared_ffn")  # a reader's input expansion tied to the writers' output one
 ROTARY_WORD = re.compile(r"(^|[_.])(rope|rotary)([_.]|$)", re.IGNORECASE)
 
 
@@ -56,7 +67,8 @@ class Matrix:
     role: str  # the role whose copy map initialises it
     side: str  # "out" (written axis: copies) or "in" (read axis: splits)
     group: int  # units per matrix row: head_dim (or head_dim × parts) for whole heads, else 1
-    tied_to: str | None = None
+    tied_to: str | None = None  # the out-expansion a tied input expansion is made from
+    repeat: int = 1  # a tied input over query heads: the query heads per value head it broadcasts over
 
 
 @dataclass(frozen=True)
@@ -152,7 +164,10 @@ def segment_matrices(att: Attention, spec: TensorSpec, side: str, role: str, pla
     suffix = "" if layer is None else f".{layer}"
     base, times = split_role(role)
     if base not in HEAD_ROLES:
-        return (Matrix(f"width.{side}.{role}" + ("" if role == "residual" else suffix), role, side, 1),)
+        key = f"width.{side}.{role}" + ("" if role == "residual" else suffix)
+        if side == "in" and role in FFN_ROLES:  # reads what this layer's writers of the role wrote
+            return (Matrix(key, role, side, 1, tied_to=f"width.out.{role}{suffix}"),)
+        return (Matrix(key, role, side, 1),)
     unit = 1 if att.rows else head_dim
     if times > 1:
         slots = PART_SLOTS.get((base, times))
@@ -161,7 +176,8 @@ def segment_matrices(att: Attention, spec: TensorSpec, side: str, role: str, pla
         return tuple(Matrix(f"width.out.{s}{suffix}", base, side, unit) for s in slots)
     if side == "in":
         if base == "attn" and att.tied:
-            return (Matrix(f"width.in.attn{suffix}", base, side, unit, tied_to=f"width.out.{VALUE}{suffix}"),)
+            return (Matrix(f"width.in.attn{suffix}", base, side, unit, tied_to=f"width.out.{VALUE}{suffix}",
+                           repeat=att.groups),)
         return (Matrix(f"width.in.{base}{suffix}", base, side, unit),)
     if base == "attn":
         return (Matrix(f"width.out.{QUERY}{suffix}", base, side, unit),)
@@ -187,13 +203,13 @@ def broadcast(value: torch.Tensor, groups: int, unit: int) -> torch.Tensor:
     return out.reshape(kn * groups * unit, ko * groups * unit)
 
 
-def state_numbers(att: Attention, specs: list[TensorSpec], old: Dims, new: Dims) -> int:
-    """How many numbers LiGO trains for this growth, counted as the operator makes them."""
-    shapes: dict[str, int] = {}
-    per_layer = 0
+def width_matrices(att: Attention, specs: list[TensorSpec], old: Dims,
+                   new: Dims) -> dict[str, tuple[int, int, str | None]]:
+    """Every width matrix LiGO makes for this growth, as the operator makes them (per-layer
+    keys end in ``.L``): key -> (rows, columns, the out-expansion it is tied to or None).
+    A tie to an out-expansion that nothing makes is no tie: the matrix is free."""
+    found: dict[str, tuple[int, int, str | None]] = {}
     for spec in specs:
-        if spec.per_layer:
-            per_layer += 1
         for axis, roles in enumerate(spec.axes):
             side = "in" if axis == spec.in_axis else "out"
             for role, place in zip(roles, places(roles)):
@@ -201,7 +217,24 @@ def state_numbers(att: Attention, specs: list[TensorSpec], old: Dims, new: Dims)
                 if a is None or a == b:  # fixed, or a map that is the identity: no matrix
                     continue
                 for m in segment_matrices(att, spec, side, role, place, "L" if spec.per_layer else None, old.head_dim):
-                    if m.tied_to is None:
-                        shapes[m.key] = (new.role_size(m.role) // m.group) * (old.role_size(m.role) // m.group)
-    width = sum(n * (new.layers if k.endswith(".L") else 1) for k, n in shapes.items())
-    return width + new.layers * old.layers * per_layer
+                    found[m.key] = (new.role_size(m.role) // m.group, old.role_size(m.role) // m.group, m.tied_to)
+    return {k: (r, c, t if t in found else None) for k, (r, c, t) in found.items()}
+
+
+def _times(key: str, new: Dims) -> int:
+    return new.layers if key.endswith(".L") else 1
+
+
+def state_numbers(att: Attention, specs: list[TensorSpec], old: Dims, new: Dims) -> int:
+    """How many numbers LiGO trains for this growth, counted as the operator makes them:
+    its free width matrices and a depth vector per per-layer tensor and target layer."""
+    matrices = width_matrices(att, specs, old, new).items()
+    width = sum(r * c * _times(k, new) for k, (r, c, tied) in matrices if tied is None)
+    return width + new.layers * old.layers * sum(1 for spec in specs if spec.per_layer)
+
+
+def fixed_numbers(att: Attention, specs: list[TensorSpec], old: Dims, new: Dims, noise: bool) -> int:
+    """The numbers of the tied inputs' fixed buffers: a copy split per row and, with
+    noise, an exact noise offset the size of the matrix."""
+    ties = [(k, r, c) for k, (r, c, tied) in width_matrices(att, specs, old, new).items() if tied is not None]
+    return sum((r + (r * c if noise else 0)) * _times(k, new) for k, r, c in ties)
