@@ -112,3 +112,24 @@ def test_upcycled_growth_slices_what_the_operator_grows_and_nothing_it_makes(tmp
     whole, sliced = grown_tensors(tmp_path / "whole"), grown_tensors(tmp_path / "sliced")
     assert whole.keys() == sliced.keys()
     assert all(torch.equal(whole[k], sliced[k]) for k in whole)
+
+
+@pytest.mark.parametrize("index,old,tiles", [([0, 1, 2, 0, 1, 2], 3, 2), ([0, 1, 0, 1, 0, 1], 2, 3),
+                                             ([0, 0, 1, 2, 1, -1], 3, None)],
+                         ids=["two-tiles", "three-tiles", "uneven-with-padding"])
+def test_cancelling_noise_sums_to_zero_over_each_units_copies(index, old, tiles):
+    """The fast paths (two whole copies: e and -e; k copies: a copies dimension) and the
+    general one (a gather) all give noise that cancels over the copies of every unit."""
+    from modelgrow.maps import _with_counts
+    from modelgrow.operators.copy import _cancelling_noise, tile_count
+
+    m = _with_counts(torch.tensor(index), old)
+    assert tile_count(m) == tiles
+    for axis in (0, 1):
+        shape = (len(index), 5) if axis == 0 else (5, len(index))
+        noise = _cancelling_noise(torch.Size(shape), axis, m, 0.5, torch.Generator().manual_seed(0))
+        valid = torch.tensor([i >= 0 for i in index])
+        moved = noise.movedim(axis, 0)[valid]
+        sums = torch.zeros(old, 5).index_add_(0, torch.tensor(index)[valid], moved)
+        assert sums.abs().max() < 1e-6 and moved.abs().max() > 0.01
+        assert 0.2 < float(moved.std()) < 0.8  # about the scale asked for

@@ -13,6 +13,7 @@ adds noise everywhere.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -73,6 +74,11 @@ class CopyOperator(Operator):
         return w
 
     def _copy(self, w: torch.Tensor, axis: int, m: AxisMap, spec, adjust) -> torch.Tensor:
+        tiles = tile_count(m)
+        if tiles:
+            reps = [1] * w.dim()
+            reps[axis] = tiles
+            return w.repeat(reps)
         out = w.index_select(axis, m.index.clamp(min=0))
         if m.pad.any():
             moved = out.movedim(axis, 0)
@@ -86,24 +92,58 @@ class CopyOperator(Operator):
         return out
 
     def _split(self, w: torch.Tensor, axis: int, m: AxisMap, gen: torch.Generator) -> torch.Tensor:
+        # In place and in the tensor's own layout: on a large model this is most of the
+        # conversion's arithmetic (a transposed layout made every pass several times slower).
         shape = [1] * w.dim()
         shape[axis] = -1
-        out = w.index_select(axis, m.index.clamp(min=0)) / m.count.view(shape)
-        moved = out.movedim(axis, 0)
+        tiles = tile_count(m)
+        if tiles:  # whole copies side by side (every integer multiple): contiguous copies, no gather
+            reps = [1] * w.dim()
+            reps[axis] = tiles
+            out = w.repeat(reps).div_(tiles)
+        else:
+            out = w.index_select(axis, m.index.clamp(min=0)).div_(m.count.view(shape))
         if self.noise > 0 and self.noise_mode == "exact":
-            moved = moved + _cancelling_noise(moved, m, self.noise * float(moved.std()), gen)
-        moved[m.pad] = 0.0  # padding units are zero after the norm: their weights are free
-        return moved.movedim(0, axis)
+            out.add_(_cancelling_noise(out.shape, axis, m, self.noise * float(out.std()), gen))
+        pad = m.pad.nonzero().flatten()
+        if pad.numel():
+            out.index_fill_(axis, pad, 0.0)  # padding units are zero after the norm: their weights are free
+        return out
 
 
-def _cancelling_noise(x: torch.Tensor, m: AxisMap, scale: float, gen: torch.Generator) -> torch.Tensor:
-    """Noise along dim 0 that sums to zero over the copies of each source unit."""
-    noise = torch.randn(x.shape, generator=gen) * scale
-    valid = ~m.pad
-    sums = torch.zeros((m.old_size, *x.shape[1:])).index_add_(0, m.index[valid], noise[valid])
-    mean = sums / torch.bincount(m.index[valid], minlength=m.old_size).clamp(min=1).view(-1, *[1] * (x.dim() - 1))
-    noise[valid] -= mean[m.index[valid]]
-    return noise
+def tile_count(m: AxisMap) -> int | None:
+    """k when the map lays k whole copies of the source units side by side (unit u's copy j
+    at j * old + u, no padding), else None."""
+    n, old = m.index.numel(), m.old_size
+    if old == 0 or n % old or n == old:
+        return None
+    return n // old if bool((m.index == torch.arange(n) % old).all()) else None
+
+
+def _cancelling_noise(shape: torch.Size, axis: int, m: AxisMap, scale: float, gen: torch.Generator) -> torch.Tensor:
+    """Gaussian noise that sums to zero along ``axis`` over the copies of each source unit
+    (padding units' entries are left to the caller, which zeroes them)."""
+    tiles = tile_count(m)
+    if tiles == 2:  # two copies: (a - b)/2 and (b - a)/2 of two draws is e and -e of one, e ~ N(0, scale²/2)
+        half = list(shape)
+        half[axis] = m.old_size
+        e = torch.randn(half, generator=gen).mul_(scale / math.sqrt(2))
+        return torch.cat([e, e.neg()], dim=axis)
+    noise = torch.randn(shape, generator=gen).mul_(scale)
+    if tiles:  # copy k of unit u sits at k * old + u: the copies are a dimension of their own
+        split = noise.view(*shape[:axis], tiles, m.old_size, *shape[axis + 1:])
+        return noise.sub_(split.mean(dim=axis, keepdim=True).expand_as(split).reshape(shape))
+    pad = m.pad.nonzero().flatten()
+    if pad.numel():
+        noise.index_fill_(axis, pad, 0.0)
+    index = m.index.clamp(min=0)
+    sums_shape = list(shape)
+    sums_shape[axis] = m.old_size
+    sums = torch.zeros(sums_shape).index_add_(axis, index, noise)
+    copies = torch.bincount(m.index[~m.pad], minlength=m.old_size).clamp(min=1).to(sums.dtype)
+    view = [1] * len(shape)
+    view[axis] = -1
+    return noise.sub_(sums.div_(copies.view(view)).index_select(axis, index))
 
 
 @hookimpl
