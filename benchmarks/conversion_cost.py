@@ -42,7 +42,7 @@ try:
     main(args=sys.argv[1:], prog_name="modelgrow", standalone_mode=False)
 except SystemExit as e:
     code = e.code or 0
-print(json.dumps({"s": time.perf_counter() - t, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+print(json.dumps({"s": time.perf_counter() - t, "rss": int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024,
                   "code": code}), file=sys.stderr)
 """
 

@@ -33,14 +33,14 @@ from modelgrow.operators.ligo import LiGOOperator
 from modelgrow.plan import GrowthSpec, make_plan
 from modelgrow.source import open_source
 src, data, mode, seq, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024
 with open_source(src) as source:
     plan = make_plan(source, GrowthSpec(width="2x", depth="2x"))
     op = LiGOOperator(plan, noise=0.01)
     fit = prepare_fit(op, {"data": [data], "steps": 1, "batch_size": batch, "seq_len": seq, "eval_batches": 0,
                            "device": "cpu", "materialise": mode})
     report = fit.run(progress=False)
-print(json.dumps({"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "import_rss": base,
+print(json.dumps({"rss": int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024, "import_rss": base,
                   "step_s": report["step_s"], "loss": report["loss_curve"][0], "target_params": plan.target_params(),
                   "operator_params": report["operator_params"]}))
 """

@@ -52,12 +52,15 @@ def plain_steps(plan, device, args) -> list[float]:
     gen = torch.Generator().manual_seed(0)
     times = []
     for _ in range(args.warmup + args.steps):
-        ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=gen).to(device)
+        parts = [torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=gen).to(device)
+                 for _ in range(args.accumulate)]
         t = time.perf_counter()
-        with _autocast(device):
-            logits = module(input_ids=ids[:, :-1]).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-        loss.backward()
+        for ids in parts:  # micro-batches, as the fit's --fit-accumulate runs them
+            with _autocast(device):
+                logits = module(input_ids=ids[:, :-1]).logits
+                loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                         ids[:, 1:].reshape(-1)) / args.accumulate
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -71,8 +74,8 @@ def fit_steps(plan, data: Path, device, args) -> tuple[list[float], dict]:
     op_options = {"noise": 0.01, **({"rank": args.rank} if args.operator == "mango" and args.rank else {})}
     op = plugins.get_operator(args.operator)(plan, **op_options)
     args.resolved_rank = op.describe_options().get("rank")  # the auto rank, resolved
-    options = FitOptions(data=[str(data)], steps=args.warmup + args.steps, batch_size=args.batch, seq_len=args.seq,
-                         eval_batches=0, device=str(device))
+    options = FitOptions(data=[str(data)], steps=args.warmup + args.steps, batch_size=args.batch * args.accumulate,
+                         accumulate=args.accumulate, seq_len=args.seq, eval_batches=0, device=str(device))
     report = prepare_fit(op, options).run(progress=False)
     return report["step_times"][args.warmup:], report
 
@@ -99,6 +102,8 @@ def main() -> None:
     ap.add_argument("--grow-depth", default="2x")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--accumulate", type=int, default=1,
+                    help="micro-batches of --batch per optimiser step, in both (the fit materialises once per step)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=2, help="plain and fit alternate this many times (shared machines drift)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed first steps")
@@ -127,7 +132,7 @@ def main() -> None:
         "source": plan.old.as_dict(), "target": plan.new.as_dict(), "target_params": plan.target_params(),
         "operator": args.operator, "rank": getattr(args, "resolved_rank", None) if args.operator == "mango" else None,
         "operator_params": report["operator_params"], "batch": args.batch, "seq": args.seq,
-        "tokens_per_step": args.batch * args.seq, "device": str(device), "threads": torch.get_num_threads(),
+        "accumulate": args.accumulate, "tokens_per_step": args.batch * args.seq * args.accumulate, "device": str(device), "threads": torch.get_num_threads(),
         "plain_step_s": p, "fit_step_s": f, "ratio": f / p,
         "median_ratio": statistics.median(fit) / statistics.median(plain), "plain_steps_s": plain, "fit_steps_s": fit,
         "peak_memory": report["peak_memory"], "torch": torch.__version__, "platform": platform.platform(),

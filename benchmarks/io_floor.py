@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import time
 from pathlib import Path
 
@@ -59,7 +58,7 @@ def main() -> None:
             fd = os.open(path, os.O_RDONLY)
             os.fsync(fd)
             os.close(fd)
-    print(json.dumps({"s": time.perf_counter() - t, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(json.dumps({"s": time.perf_counter() - t, "rss": int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024}))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 
 The source has the real shapes (vocabulary 128,256, hidden 2,048, 16 layers, 32 query and
 8 key/value heads, FFN 8,192, tied embeddings, bf16) and random weights. Each step runs in
-a fresh process so that its peak RSS is its own:
+a fresh process so that its peak RSS is its own (VmHWM: getrusage's ru_maxrss would
+include the parent's peak, inherited across fork and exec):
 
 - convert: `modelgrow convert SRC --width 2x --no-verify` (with `--deep`, also
   `--width 2x --depth 2x`, ~8.3B);
@@ -43,7 +44,7 @@ try:
     main(prog_name="modelgrow", standalone_mode=False)
 except SystemExit as e:
     code = e.code or 0
-print(json.dumps({"s": time.perf_counter() - t, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+print(json.dumps({"s": time.perf_counter() - t, "rss": int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024,
                   "code": code}), file=sys.stderr)
 """
 
