@@ -583,6 +583,9 @@ class _NullWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         pass
 
+    def make_room(self, nbytes: int) -> None:
+        pass
+
 
 def probe(entry: Path) -> None:
     """Run what a convert runs on a checkpoint, short of writing the result."""

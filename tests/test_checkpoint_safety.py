@@ -248,10 +248,10 @@ def child(stop, notify, wait):
     def init(self, **kw):
         real_init(self, **kw)
         opened.append(self)
-    def get(self, name):
+    def get(self, name, rows=None):
         gets[0] += 1
         pause(f"get{gets[0]}")
-        return real_get(self, name)
+        return real_get(self, name, rows)
     def finish(self):
         pause("finish")
         staged = real_finish(self)
