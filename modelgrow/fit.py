@@ -249,7 +249,7 @@ class Fit:
         by_scale: dict[float, list] = {}
         for name, t in trained.items():
             by_scale.setdefault(op.lr_scale(name), []).append(t)
-        grown = Materialised(made, grad_scale=self.dist.world if sharded is not None else 1)
+        grown = Materialised(made)
 
         # Separate seeded streams: the training windows, the eval windows, the MLM masks.
         held = corpus.WindowSampler(self.data, self.seq_len, o.seed + 1_000_003)
@@ -322,8 +322,8 @@ class Materialised:
     the materialisation once, onto the operator's tensors.
     """
 
-    def __init__(self, materialise, grad_scale: float = 1):
-        self.materialise, self.grad_scale = materialise, grad_scale  # grad_scale: engine.sharding's averaging undone
+    def __init__(self, materialise):
+        self.materialise = materialise
         self.full: dict | None = None
         self.leaves: dict | None = None
 
@@ -336,8 +336,7 @@ class Materialised:
                  if self.full[k].requires_grad and leaf.grad is not None]
         self.full = self.leaves = None  # the next step materialises afresh; free this one's graph after
         if pairs:
-            scale = self.grad_scale
-            torch.autograd.backward([t for t, _ in pairs], grad_tensors=[g * scale if scale != 1 else g for _, g in pairs])
+            torch.autograd.backward([t for t, _ in pairs], grad_tensors=[g for _, g in pairs])
 
 
 def _drift(op: LearnedOperator, params: dict, start: dict) -> dict:

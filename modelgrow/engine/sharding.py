@@ -11,8 +11,8 @@ built sums the gradients over the processes straight into each process's slice.
 FSDP2 averages the gradients over the processes (a divide factor of 1, which would sum
 them, needs a reduction gloo does not have). The engine divides every process's loss by
 the global token count already (engine.distributed), so the one-process gradient is the
-sum: whoever sends gradients back through what ``make`` built scales them by the number
-of processes first (fit.Materialised's ``grad_scale``).
+sum: the whole tensors reach ``make`` through an identity whose backward multiplies by
+the number of processes, and the average of those is the sum.
 """
 
 from __future__ import annotations
@@ -26,14 +26,15 @@ from torch import nn
 class ShardedTensors(nn.Module):
     """Named tensors as one FSDP2 unit; ``forward()`` is ``make(the whole tensors)``."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], make: Callable[[dict[str, torch.Tensor]], object]):
+    def __init__(self, tensors: dict[str, torch.Tensor], make: Callable[[dict[str, torch.Tensor]], object],
+                 world: int = 1):
         super().__init__()
         self.names = list(tensors)
         self.tensors = nn.ParameterList(nn.Parameter(t.detach().clone()) for t in tensors.values())
-        self.make = make
+        self.make, self.world = make, world
 
     def forward(self):
-        return self.make(dict(zip(self.names, self.tensors)))
+        return self.make({n: _Summed.apply(p, self.world) for n, p in zip(self.names, self.tensors)})
 
     def sharded(self) -> dict[str, torch.Tensor]:
         """The parameters the optimiser steps (each process's slices), by name."""
@@ -50,9 +51,22 @@ def shard(tensors: dict[str, torch.Tensor], make, world: int, device: torch.devi
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    module = ShardedTensors(tensors, make)
+    module = ShardedTensors(tensors, make, world)
     fully_shard(module, mesh=init_device_mesh(device.type, (world,)), reshard_after_forward=True)
     return module
+
+
+class _Summed(torch.autograd.Function):
+    """The identity, whose gradient is multiplied by ``world``: FSDP2's average becomes a sum."""
+
+    @staticmethod
+    def forward(ctx, tensor, world):
+        ctx.world = world
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.world, None
 
 
 def full_norm(norm: torch.Tensor) -> torch.Tensor:
