@@ -53,14 +53,15 @@ class TrainOptions(LoopOptions):
     lr_schedule: Literal["rewarm", "continue"] = option(
         "rewarm", "rewarm: linear warmup to --lr, then cosine to --min-lr-ratio x --lr (a fresh run's schedule). "
                   "continue: no warmup spike: the first step takes the learning rate the source's training ended at "
-                  "(--source-final-lr, else the last learning_rate in trainer_state.json beside SOURCE; a typed --lr "
-                  "replaces it), then cosine to --min-lr-ratio x that rate; it keeps more of a grown model's head "
+                  "(--source-final-lr, else the last learning_rate in trainer_state.json beside SOURCE, else the rate "
+                  "convert recorded in its growth_map.json; a typed --lr replaces it), then cosine to --min-lr-ratio x that rate; it keeps more of a grown model's head "
                   "start in short runs (BENCHMARKS.md section 1). A typed --warmup N with continue warms up to that "
                   "rate over N steps first (a short, low re-warm).")
     source_final_lr: float | None = option(
         None, "The learning rate the source's own training ended at (e.g. the last lr_curve value of its train "
               "report), where --lr-schedule continue starts [default: the last learning_rate logged in "
-              "trainer_state.json beside SOURCE, as Hugging Face's Trainer writes it].", gt=0, le=1e30,
+              "trainer_state.json beside SOURCE, as Hugging Face's Trainer writes it, else the rate convert "
+              "recorded in growth_map.json].", gt=0, le=1e30,
         allow_inf_nan=False)
     eval_every: int | None = option(None, "Validation every N steps, 0 for only before and after "
                                           "[default: --steps // 10].", ge=0, strict=True)
@@ -151,8 +152,8 @@ class TrainOptions(LoopOptions):
 
     def with_source_lr(self, folder: Path) -> TrainOptions:
         """These options with the rate --lr-schedule continue starts at: itself when --lr or
-        --source-final-lr gave it, else read from trainer_state.json in ``folder`` (SOURCE's);
-        with neither, one line (exit 2) saying what to pass."""
+        --source-final-lr gave it, else read from beside SOURCE (``folder``: recorded_final_lr);
+        with nothing there, one line (exit 2) saying what to pass."""
         if not self.continues or "lr" in self.model_fields_set or self.source_final_lr is not None:
             return self
         lr, where = recorded_final_lr(Path(folder))
