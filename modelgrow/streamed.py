@@ -3,11 +3,13 @@
 The module is built with its parameters on the meta device (buffers such as rotary
 frequencies stay real), so building it allocates no weights. Every module that owns
 weights outside the blocks (embeddings, final norm, head) has its tensors read just
-before it runs and dropped after, and so has each block as a whole. Peak memory is the
-largest of those in fp32 (a block, or the embedding of a large vocabulary, converted a
-slice of rows at a time) plus the activations, whatever the model's depth. Every block's output hidden state is kept (small: batch × seq ×
-width), so that a comparison can say which block first departs ("block 17 differs
-by 3e-2") rather than only that the logits do.
+before it runs and dropped after, and so has each block as a whole. A plain embedding or
+linear head too large for one slice of rows (a large vocabulary) never exists whole in
+fp32: it runs from its stored rows a slice at a time (the lookup gathers each slice's
+ids, the head computes each slice's logits). Peak memory is the largest block in fp32
+plus the activations, whatever the model's depth or vocabulary. Every block's output
+hidden state is kept (small: batch × seq × width), so that a comparison can say which
+block first departs ("block 17 differs by 3e-2") rather than only that the logits do.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class StreamedRun:
     output: torch.Tensor  # the primary output (logits or hidden states), fp32
     blocks: list[torch.Tensor]  # per layer: the block's output hidden state
     peak_block_bytes: int  # the largest block loaded at once
+    sliced: list[str]  # modules run from row slices of their stored weight (large vocabularies)
 
 
 @contextmanager
@@ -72,13 +75,29 @@ def run_streamed(source: SourceModel, inputs: dict[str, torch.Tensor],
     def read(names: dict[str, str]) -> dict[str, torch.Tensor]:
         return {key: read_float(source.checkpoint, stored, round_to) for key, stored in names.items()}
 
+    def read_rows(stored: str, rows: slice) -> torch.Tensor:
+        nonlocal peak
+        t = source.checkpoint.get(stored, rows)
+        t = (t.to(round_to) if round_to is not None else t).float()
+        peak = max(peak, t.numel() * 4)
+        return t
+
     blocks: dict[int, torch.Tensor] = {}
     peak = 0
     handles = []
+    sliced = []
     # Embeddings, final norm, head: each loaded when its own module runs (a tied head
     # reads the embedding's tensor again), so a large vocabulary is held only while used.
     owners = _owners(module, arch, by_layer.pop(None, {}), aliases, source.path)
     for path, entries in owners.items():
+        owner = module.get_submodule(path)
+        if _runs_from_rows(owner, entries, source.checkpoint):
+            shape = source.checkpoint.info(entries["weight"]).shape
+            _check_shape(owner.weight.shape, shape, f"{path}.weight" if path else "weight", source)
+            owner.forward = _row_forward(owner, entries, shape, read_rows)  # this module only: built here
+            sliced.append(path)
+            continue
+
         def load_owner(mod, _args, entries=entries, path=path):
             nonlocal peak
             tensors = read(entries)
@@ -90,7 +109,6 @@ def run_streamed(source: SourceModel, inputs: dict[str, torch.Tensor],
             for name in entries:
                 _assign(mod, name, torch.empty(mod.get_parameter(name).shape, device="meta"))
 
-        owner = module.get_submodule(path)
         handles += [owner.register_forward_pre_hook(load_owner), owner.register_forward_hook(drop_owner)]
     lazy = {id(module.get_parameter(f"{path}.{name}" if path else name)) for path, e in owners.items() for name in e}
     block_of: dict[int, torch.nn.Module] = {}
@@ -119,7 +137,45 @@ def run_streamed(source: SourceModel, inputs: dict[str, torch.Tensor],
     finally:
         for h in handles:
             h.remove()
-    return StreamedRun(output, [blocks[i] for i in sorted(blocks)], peak)
+    return StreamedRun(output, [blocks[i] for i in sorted(blocks)], peak, sliced)
+
+
+def _runs_from_rows(owner: torch.nn.Module, entries: dict[str, str], checkpoint) -> bool:
+    """A plain embedding or linear layer (not a subclass: its forward is known) whose stored
+    weight spans more than one slice of rows."""
+    if type(owner) is torch.nn.Embedding:
+        plain = set(entries) == {"weight"} and owner.max_norm is None  # max_norm rewrites the weight
+    elif type(owner) is torch.nn.Linear:
+        plain = "weight" in entries and set(entries) <= {"weight", "bias"}
+    else:
+        return False
+    return plain and len(row_parts(checkpoint.info(entries["weight"]).shape)) > 1
+
+
+def _row_forward(owner: torch.nn.Module, entries: dict[str, str], shape, read_rows):
+    """``owner``'s forward computed from its stored weight one slice of rows at a time."""
+    parts = row_parts(shape)
+    weight = entries["weight"]
+    if isinstance(owner, torch.nn.Embedding):
+        def lookup(ids: torch.Tensor) -> torch.Tensor:
+            flat = ids.reshape(-1)
+            if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= shape[0]):
+                raise IndexError(f"token id out of range for an embedding of {shape[0]} rows")
+            out = torch.empty(flat.numel(), shape[1])
+            for rows in parts:
+                hit = (flat >= rows.start) & (flat < rows.stop)
+                if bool(hit.any()):
+                    out[hit] = read_rows(weight, rows)[flat[hit] - rows.start]
+            return out.reshape(*ids.shape, shape[1])
+        return lookup
+    bias = read_rows(entries["bias"], slice(None)) if "bias" in entries else None
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        out = x.new_empty(*x.shape[:-1], shape[0])
+        for rows in parts:
+            out[..., rows] = torch.nn.functional.linear(x, read_rows(weight, rows), None if bias is None else bias[rows])
+        return out
+    return project
 
 
 def read_float(checkpoint, name: str, round_to: torch.dtype | None = None) -> torch.Tensor:
@@ -173,12 +229,15 @@ def _aliases(module: torch.nn.Module) -> dict[str, list[str]]:
 def _load(module: torch.nn.Module, key: str, tensor: torch.Tensor, source: SourceModel, label: str | None = None) -> None:
     """``_assign`` a stored tensor, if it has the shape the config gives the module: a size
     the layout does not describe (BERT's type_vocab_size, say) is checked only here."""
-    shape = module.get_parameter(key).shape
-    if tensor.shape != shape:
-        raise CheckpointError(f"parameter {label or key} is {list(tensor.shape)} in the weights but {list(shape)} by "
+    _check_shape(module.get_parameter(key).shape, tensor.shape, label or key, source)
+    _assign(module, key, tensor)
+
+
+def _check_shape(built, stored, label: str, source: SourceModel) -> None:
+    if tuple(stored) != tuple(built):
+        raise CheckpointError(f"parameter {label} is {list(stored)} in the weights but {list(built)} by "
                               "config.json", path=source.checkpoint.config_path or source.path,
                               hint="the config and the weights disagree: fix the config value behind that size")
-    _assign(module, key, tensor)
 
 
 def _assign(module: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:

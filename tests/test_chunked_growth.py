@@ -1,4 +1,4 @@
-"""Large tensors are grown a slice of rows at a time (modelgrow.operators.base.row_parts).
+"""Large tensors are grown a slice of rows at a time (modelgrow.checkpoint.sizes.row_parts).
 
 The slice size is a constant of a few hundred MB, so tiny models never reach it: these
 tests shrink it to a few hundred bytes, so that every vocabulary-sized tensor of a tiny

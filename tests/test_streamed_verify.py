@@ -67,3 +67,31 @@ def test_a_wrong_block_is_named(tmp_path):
     assert all(b["max_abs_diff"] <= b["tolerance"] for b in result.blocks[:2])
     assert "block 2 (from source block 1) departs first" in str(result.failure(src, tmp_path / "grown"))
     assert json.loads(result.to_json())["first_divergent_block"]["layer"] == 2
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_a_large_vocabulary_runs_from_row_slices_to_the_same_output(tmp_path, family, monkeypatch):
+    """With slices of 512 bytes every embedding and plain head is "large": the lookup and
+    the logits are computed a slice of stored rows at a time, never from the whole fp32
+    weight, and give the whole module's output; a growth still verifies that way."""
+    from modelgrow import streamed
+    from modelgrow.checkpoint import sizes
+
+    src = BUILDERS[family](tmp_path / "src")
+    monkeypatch.setattr(streamed, "row_parts", lambda shape: sizes.row_parts(shape, 512))
+    with open_source(src) as source:
+        inputs = source.arch.example_inputs(source.config, 2, 8, torch.Generator().manual_seed(0))
+        whole = source.arch.call(load_module(source), source.config, inputs).float()
+        reads, get = [], source.checkpoint.get
+        source.checkpoint.get = lambda name, rows=None: reads.append((name, rows)) or get(name, rows)
+        run = run_streamed(source, inputs)
+        torch.testing.assert_close(run.output, whole, rtol=1e-5, atol=1e-5)
+        heads = {"gpt2": "lm_head", "llama": "lm_head", "bert": "cls.predictions.decoder"}
+        embeddings = {"gpt2": "transformer.wte", "llama": "model.embed_tokens", "bert": "bert.embeddings.word_embeddings"}
+        assert {heads[family], embeddings[family]} <= set(run.sliced)
+        table = next(b.name for b in source.bound() if b.name.endswith(embeddings[family].split(".")[-1] + ".weight"))
+        vocab = source.checkpoint.info(table).shape[0]
+        mine = [rows for name, rows in reads if name == table]
+        assert mine and all(rows is not None and rows.stop - rows.start < vocab for rows in mine)
+    report = convert(src, tmp_path / "grown", GrowthSpec(width="2x"), verify=True, progress=False)
+    assert report["verify"]["passed"] == report["promise"]["exact"]
