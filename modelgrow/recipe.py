@@ -94,6 +94,7 @@ def run(recipe: Recipe, *, dry_run: bool = False, progress: bool = False, quiet:
     """
     out: dict[str, Any] = {"modelgrow_version": __version__, "command": "run", "recipe_file": recipe.file,
                            "recipe": recipe.to_dict(), "dry_run": dry_run, "stages": {}}
+    _continued_rate(recipe)
     source: Any = recipe.source
     for stage in recipe.stages:
         if dry_run and stage.name != "convert":
@@ -116,6 +117,23 @@ def run(recipe: Recipe, *, dry_run: bool = False, progress: bool = False, quiet:
     if report is not None:
         result.write(report)
     return result
+
+
+def _continued_rate(recipe: Recipe) -> None:
+    """A train stage on ``lr-schedule: continue`` without a rate must find the source's final
+    rate beside the recipe's source (directly, or through the growth map convert writes from
+    it): checked before any stage writes, so a dry run catches it too."""
+    from .train_options import TrainOptions
+
+    train = next((s for s in recipe.stages if s.name == "train"), None)
+    if train is None or not isinstance(recipe.source, Path):
+        return  # a Hub source is read where it is downloaded, by the stage itself
+    root = recipe.source if recipe.source.is_dir() else recipe.source.parent
+    try:
+        TrainOptions.parse(train.groups["train"]).with_source_lr(root)
+    except UsageError as err:
+        raise UsageError(f"train (lr-schedule: continue): {err.problem}", path=recipe.file,
+                         hint="add train.source-final-lr or train.lr to the recipe") from None
 
 
 def _compare(recipe: Recipe, stages: dict[str, Any]) -> dict[str, Any]:

@@ -238,3 +238,27 @@ def test_a_missing_input_and_a_dry_run(work, tmp_path):
     result = cli("run", recipe, "--dry-run")
     assert result.exit_code == 0 and "function-preserving: yes" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.yaml", "r.yaml"]
+
+
+def test_a_continued_schedule_without_a_rate_is_refused_before_anything_is_written(work, tmp_path):
+    """lr-schedule: continue needs the source's final rate; the recipe's source has none
+    beside it, so even a dry run says so (exit 2) and nothing is written. With the
+    Trainer's record beside a copy of the source, the same dry run passes."""
+    text = ("source: SRC\nconvert: {width: 2x}\noutput: g\n"
+            f"train: {{output: t, data: {work / 'ids.npy'}, steps: 4, lr-schedule: continue}}\n")
+    recipe = write(tmp_path / "a", "r.yaml", text.replace("SRC", str(work / "small")))
+    for extra in ((), ("--dry-run",)):
+        result = cli("run", recipe, *extra)
+        assert result.exit_code == 2, result.output
+        line = result.stderr.strip().splitlines()
+        assert len(line) == 1 and "r.yaml" in line[0] and "train (lr-schedule: continue)" in line[0]
+        assert "source-final-lr" in line[0]
+        assert sorted(p.name for p in recipe.parent.iterdir()) == ["r.yaml"]
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in (work / "small").iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    (src / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 9, "learning_rate": 2e-4}]}))
+    recipe = write(tmp_path / "b", "r.yaml", text.replace("SRC", str(src)))
+    result = cli("run", recipe, "--dry-run")
+    assert result.exit_code == 0, result.output
