@@ -267,6 +267,7 @@ def _write_tensors(plan: Plan, op, writer: CheckpointWriter, allow_nonfinite: bo
         for rows in parts:
             out[rows] = _checked(plan, op, target, op.tensor(target, rows), dtype, allow_nonfinite)
         writer.add(target.name, out)
+        del out  # the shard holds it now, until written; this name would keep it for the whole run
 
 
 def _checked(plan: Plan, op, target, w: torch.Tensor, dtype: torch.dtype, allow_nonfinite: bool) -> torch.Tensor:

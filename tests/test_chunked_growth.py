@@ -133,3 +133,29 @@ def test_cancelling_noise_sums_to_zero_over_each_units_copies(index, old, tiles)
         sums = torch.zeros(old, 5).index_add_(0, torch.tensor(index)[valid], moved)
         assert sums.abs().max() < 1e-6 and moved.abs().max() > 0.01
         assert 0.2 < float(moved.std()) < 0.8  # about the scale asked for
+
+
+def test_a_written_shard_leaves_no_grown_tensor_behind(tmp_path, monkeypatch):
+    """Once a shard is written, nothing in the conversion still holds the tensors it was
+    given (the sliced embedding included): memory is the shard being filled, not the
+    model. One shard per tensor, so every tensor is checked when the next one starts."""
+    import weakref
+
+    from modelgrow.checkpoint import writer
+
+    src = tiny.llama(tmp_path / "src")
+    monkeypatch.setattr(grow, "row_parts", lambda shape: base.row_parts(shape, 512))
+    given, add, flush = [], writer.CheckpointWriter.add, writer.CheckpointWriter._flush
+
+    def spy_add(self, name, tensor):
+        given.append((name, weakref.ref(tensor)))
+        add(self, name, tensor)
+
+    def spy_flush(self):
+        flush(self)
+        assert [name for name, ref in given if ref() is not None] == []
+
+    monkeypatch.setattr(writer.CheckpointWriter, "add", spy_add)
+    monkeypatch.setattr(writer.CheckpointWriter, "_flush", spy_flush)
+    grow.convert(src, tmp_path / "out", GrowthSpec(width="2x"), max_shard_size=1, verify=False, progress=False)
+    assert "model.embed_tokens.weight" in dict(given)
