@@ -135,6 +135,27 @@ def test_cancelling_noise_sums_to_zero_over_each_units_copies(index, old, tiles)
         assert 0.2 < float(moved.std()) < 0.8  # about the scale asked for
 
 
+@pytest.mark.parametrize("axis", [0, 1])
+def test_the_two_copy_split_equals_the_general_one(axis):
+    """2x width's direct write (w/2 + e, w/2 - e) gives the general path's values: the same
+    draws, the same spread, to fp32 rounding of that spread."""
+    from modelgrow.maps import _with_counts
+    from modelgrow.operators.copy import CopyOperator, _cancelling_noise
+
+    w = torch.randn(6, 7, generator=torch.Generator().manual_seed(1))
+    old = w.shape[axis]
+    m = _with_counts(torch.arange(2 * old) % old, old)
+    op = CopyOperator.__new__(CopyOperator)
+    op.noise, op.noise_mode = 0.01, "exact"
+    fast = op._split(w, axis, m, torch.Generator().manual_seed(0))
+    reps = [1, 1]
+    reps[axis] = 2
+    general = w.repeat(reps).div_(2)
+    general += _cancelling_noise(general.shape, axis, m, 0.01 * float(general.std()), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(fast, general, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(fast, w.repeat(reps) / 2)  # the noise is there
+
+
 def test_a_written_shard_leaves_no_grown_tensor_behind(tmp_path, monkeypatch):
     """Once a shard is written, nothing in the conversion still holds the tensors it was
     given (the sliced embedding included): memory is the shard being filled, not the

@@ -97,6 +97,8 @@ class CopyOperator(Operator):
         shape = [1] * w.dim()
         shape[axis] = -1
         tiles = tile_count(m)
+        if tiles == 2 and self.noise > 0 and self.noise_mode == "exact":
+            return self._split_in_two(w, axis, gen)
         if tiles:  # whole copies side by side (every integer multiple): contiguous copies, no gather
             reps = [1] * w.dim()
             reps[axis] = tiles
@@ -108,6 +110,25 @@ class CopyOperator(Operator):
         pad = m.pad.nonzero().flatten()
         if pad.numel():
             out.index_fill_(axis, pad, 0.0)  # padding units are zero after the norm: their weights are free
+        return out
+
+
+    def _split_in_two(self, w: torch.Tensor, axis: int, gen: torch.Generator) -> torch.Tensor:
+        """Two whole copies with cancelling noise (2x width, the common case) written straight
+        into the output: w/2 + e, then w/2 - e. The same values as the general path, which
+        makes them in five passes over the doubled tensor (repeat, divide, spread, concatenate
+        e and -e, add): a third of a large conversion's time."""
+        half = w.mul(0.5)
+        n = half.numel()
+        # The general path's spread: the unbiased std of both copies side by side, whose
+        # squared deviations are the half's counted twice.
+        spread = float(half.std()) * math.sqrt(2 * (n - 1) / (2 * n - 1)) if n > 1 else 0.0
+        e = torch.randn(half.shape, generator=gen).mul_(self.noise * spread / math.sqrt(2))
+        shape = list(w.shape)
+        shape[axis] *= 2
+        out = torch.empty(shape)
+        torch.add(half, e, out=out.narrow(axis, 0, w.shape[axis]))
+        torch.sub(half, e, out=out.narrow(axis, w.shape[axis], w.shape[axis]))
         return out
 
 
