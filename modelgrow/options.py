@@ -60,6 +60,9 @@ class Options(BaseModel):
     flags: ClassVar[dict[str, str]] = {}  # field -> flag without dashes, where not prefix + name
     hidden: ClassVar[tuple[str, ...]] = ()  # fields of a base class this group keeps off the command line
     help_prefix: ClassVar[str] = ""  # before each flag's help, e.g. "learned operators: "
+    # field -> the field its flag follows in --help, where a subclass's field belongs beside
+    # one of its base's (declaration order would put it after every base field)
+    help_after: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def parse(cls, values: dict[str, Any] | Options | None = None, **more: Any):
@@ -142,13 +145,14 @@ def _core_type(annotation):
 
 
 def click_options(model: type[Options], *, exclude: tuple[str, ...] = ()) -> list[click.Option]:
-    """One click option per command-line field of ``model``, in declaration order."""
-    out = []
-    for name, field in model.model_fields.items():
-        if name in exclude or name in model.hidden or not flag_of(field).cli:
-            continue
-        out.append(click_option(model, name, field))
-    return out
+    """One click option per command-line field of ``model``, in declaration order (but for
+    ``help_after``)."""
+    names = [n for n, f in model.model_fields.items() if n not in exclude and n not in model.hidden and flag_of(f).cli]
+    for name, after in model.help_after.items():
+        if name in names and after in names:
+            names.remove(name)
+            names.insert(names.index(after) + 1, name)
+    return [click_option(model, name, model.model_fields[name]) for name in names]
 
 
 def click_option(model: type[Options], name: str, field) -> click.Option:

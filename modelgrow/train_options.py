@@ -36,6 +36,7 @@ class TrainOptions(LoopOptions):
     """Every knob of a training run; all of them end up in the report."""
 
     kind = "train"
+    help_after = {"lr_schedule": "warmup", "source_final_lr": "lr_schedule"}
     _lr_from: str | None = None  # where lr came from when not typed: a record, a step folder (lr_plan)
 
     data: list[Path] | None = option(None, "Training data: text (tokenised with --tokenizer), .npy ids or raw .bin "

@@ -259,3 +259,10 @@ def test_convert_carries_the_source_rate_into_the_growth_map_for_continue(tmp_pa
     assert "source_final_lr" not in json.loads((tmp_path / "plain" / GROWTH_MAP).read_text())
     with pytest.raises(UsageError, match="and no rate in a growth_map.json"):
         _opts(lr_schedule="continue").with_source_lr(tmp_path / "plain")
+
+
+def test_the_schedule_flags_sit_beside_the_rate_in_help():
+    flags = [line.split()[0] for line in CliRunner().invoke(main, ["train", "--help"]).output.splitlines()
+             if line.startswith("  --")]
+    at = flags.index("--warmup")
+    assert flags[at - 1:at + 3] == ["--lr", "--warmup", "--lr-schedule", "--source-final-lr"]
