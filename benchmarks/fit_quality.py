@@ -37,7 +37,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from growth_quality import random_gpt2, stdlib_corpus
+from quality_data import MASK_ID, byte_ids, random_bert, random_gpt2, stdlib_corpus
 
 from modelgrow.grow import convert
 from modelgrow.plan import GrowthSpec
@@ -45,7 +45,6 @@ from modelgrow.engine.objective import LMObjective
 from modelgrow.trainer import TrainOptions, train
 
 HERE = Path(__file__).resolve().parent
-MASK_ID = 256  # byte-level BERT: ids 0-255 are bytes, 256 is [MASK]
 
 
 @dataclass(frozen=True)
@@ -67,23 +66,6 @@ QUICK = Sizes(embd=32, layers=2, heads=2, source_steps=300, batch=16, seq=64, fi
               corpus_bytes=400_000, heldout_windows=128)
 
 
-def byte_ids(text_file: Path, dest: Path) -> Path:
-    """A text file as a .npy of byte ids (what the byte-level BERT reads; no tokenizer)."""
-    np.save(dest, np.frombuffer(text_file.read_bytes(), dtype=np.uint8).astype(np.int32))
-    return dest
-
-
-def random_bert(folder: Path, sz: Sizes, seed: int) -> Path:
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(vocab_size=MASK_ID + 1, hidden_size=sz.embd, num_hidden_layers=sz.layers,
-                                  num_attention_heads=sz.heads, intermediate_size=4 * sz.embd,
-                                  max_position_embeddings=128, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0, pad_token_id=0)
-    transformers.BertForMaskedLM(cfg).save_pretrained(folder)
-    (folder / "generation_config.json").unlink(missing_ok=True)
-    return folder
-
-
 def pretrain(kind: str, work: Path, sz: Sizes, data: dict, seed: int, log, given: Path | None = None) -> Path:
     """The small model, pretrained here once per workdir (the source-report marks it done)."""
     src, report = work / f"{kind}-source", work / f"{kind}-source-report.json"
@@ -96,7 +78,7 @@ def pretrain(kind: str, work: Path, sz: Sizes, data: dict, seed: int, log, given
         init = random_gpt2(work / f"{kind}-init", sz.embd, sz.layers, sz.heads, seed)
         extra, lr = {}, 3e-3
     else:  # post-LN BERT diverges at GPT-2's 3e-3
-        init = random_bert(work / f"{kind}-init", sz, seed)
+        init = random_bert(work / f"{kind}-init", sz.embd, sz.layers, sz.heads, seed)
         extra, lr = {"mask_token_id": MASK_ID}, 1e-3
     log(f"pretraining the {kind} source: d={sz.embd}, {sz.layers} layers, {sz.source_steps} steps")
     opts = TrainOptions(data=[str(data[kind]["train"])], val_data=[str(data[kind]["val"])], steps=sz.source_steps,
