@@ -8,6 +8,7 @@ fitted on the training split) is trained by `modelgrow.train` under each schedul
 
 - rewarm: warm up to the block's peak rate again, then cosine to 10% (a fresh run's schedule);
 - continue: start at the rate the source's training ended at, no warmup, cosine to 10% of it;
+- short rewarm (copy only): a third of rewarm's peak after a fifth of its warmup;
 
 plus ReLoRA with its full-rank warm start (`--full-rank-steps`) on the copy start. Every
 row runs with several seeds; a seed changes everything random, the source included.
@@ -16,7 +17,7 @@ compute needed to reach the same seed's scratch final loss, and the saving again
 scratch (the fit charged at its measured step cost), as means with 95% intervals; and
 each row's final loss minus copy's under the same schedule, paired by seed.
 
-    python benchmarks/growth_quality.py              # the full run: 3 seeds, ~75 min on 2 cores
+    python benchmarks/growth_quality.py              # the full run: 3 seeds, ~65 min on 2 cores
     python benchmarks/growth_quality.py --quick      # tiny sizes, 2 seeds: CI runs this
 
 Compute is 6 x parameters x tokens per training step; scratch's is its whole budget.
@@ -30,6 +31,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -89,16 +91,21 @@ STARTS = {  # start -> (operator, operator options, depth mode, fitted)
     "mango": ("mango", {}, "identity", True),  # its rank: the smallest with an exact start
 }
 RELORA = "copy + ReLoRA (warm start), rewarm"
+SHORT = "short rewarm"  # a third of rewarm's peak rate, a fifth of its warmup
 
 
 def rows_of(block: dict) -> list[dict]:
     rows = []
     for start in block["starts"]:
-        for schedule in (("rewarm",) if start in ("scratch", "stack") else ("rewarm", "continue")):
+        schedules = {"scratch": ("rewarm",), "stack": ("rewarm",), "copy": ("rewarm", "continue", SHORT)}
+        for schedule in schedules.get(start, ("rewarm", "continue")):
             label = "scratch" if start == "scratch" else f"{start}, {schedule}"
-            rows.append({"label": label, "start": start, "schedule": schedule, "relora": False})
+            rows.append({"label": label, "start": start, "schedule": schedule, "relora": 0})
     if block["kind"] == "gpt2":
-        rows.append({"label": RELORA, "start": "copy", "schedule": "rewarm", "relora": True})
+        # relora: the peak rate as a multiple of full-rank's (the paper's rule of thumb is 2x)
+        rows.append({"label": RELORA, "start": "copy", "schedule": "rewarm", "relora": 1})
+        rows.append({"label": "copy + ReLoRA (warm start, 2x rate), rewarm", "start": "copy", "schedule": "rewarm",
+                     "relora": 2})
     return rows
 
 
@@ -128,9 +135,15 @@ def data_of(work: Path, kind: str) -> dict:
 
 
 def loop_options(sz: Sizes, data: dict, steps: int, seed: int, **kw) -> TrainOptions:
-    return TrainOptions(data=[str(data["train"])], val_data=[str(data["val"])], steps=steps, batch_size=sz.batch,
-                        seq_len=sz.seq, eval_every=sz.eval_every, eval_batches=sz.eval_batches, seed=seed,
-                        device="cpu", **data["extra"], **kw)
+    values = {"data": [str(data["train"])], "val_data": [str(data["val"])], "steps": steps, "batch_size": sz.batch,
+              "seq_len": sz.seq, "eval_every": sz.eval_every, "eval_batches": sz.eval_batches, "seed": seed,
+              "device": "cpu", **data["extra"]}
+    return TrainOptions(**{**values, **kw})
+
+
+def fit_options(sz: Sizes, data: dict, steps: int, seed: int) -> dict:
+    return {"data": [str(data["train"])], "steps": steps, "batch_size": sz.batch, "seq_len": sz.seq, "seed": seed,
+            "device": "cpu", **data["extra"]}
 
 
 def make_source(work: Path, sz: Sizes, block: str, seed: int) -> None:
@@ -155,8 +168,7 @@ def make_start(work: Path, sz: Sizes, block: str, start: str, seed: int) -> None
     else:
         op, opts, depth_mode, fitted = STARTS[start]
         data = data_of(work, b["kind"])
-        fit = {"fit_options": {"data": [str(data["train"])], "steps": sz.fit_steps, "batch_size": sz.batch,
-                               "seq_len": sz.seq, "seed": seed, "device": "cpu", **data["extra"]}} if fitted else {}
+        fit = {"fit_options": fit_options(sz, data, sz.fit_steps, seed)} if fitted else {}
         rep = convert(p.source(), p.start(start), GrowthSpec(width="2x", depth="2x", depth_mode=depth_mode),
                       operator=op, operator_options={**opts, "seed": seed}, verify=False, progress=False, **fit)
         if fitted:
@@ -171,13 +183,15 @@ def train_row(work: Path, sz: Sizes, block: str, row: dict, seed: int) -> None:
     start = json.loads(p.done(f"start-{row['start']}").read_text())
     if row["schedule"] == "continue":
         sched = {"lr_schedule": "continue", "source_final_lr": source["final_lr"]}
+    elif row["schedule"] == SHORT:
+        sched = {"lr": b["lr"] / 3, "warmup": sz.warmup // 5}
     else:
         sched = {"lr": b["lr"], "warmup": sz.warmup}
-    if row["relora"]:  # the full-rank peak (already the source's own), a warm start, then 3 merges' worth
+    if row["relora"]:  # a warm start, then 3 merges' worth
         warm = sz.budget // 6
-        sched = {**sched, "relora": True, "rank": sz.relora_rank, "alpha": sz.relora_rank,
+        sched = {**sched, "lr": row["relora"] * sched["lr"], "relora": True, "rank": sz.relora_rank, "alpha": sz.relora_rank,
                  "full_rank_steps": warm, "relora_every": (sz.budget - warm) // 3, "adapter_dropout": 0.0}
-    out = work / f"{p.tag}-trained"
+    out = p.run(row["label"]).with_suffix(".trained")  # one per job: jobs of one seed run side by side
     shutil.rmtree(out, ignore_errors=True)
     rep = train(p.start(row["start"]), out, loop_options(sz, data_of(work, b["kind"]), sz.budget, seed, **sched),
                 progress=False)
@@ -191,6 +205,32 @@ def train_row(work: Path, sz: Sizes, block: str, row: dict, seed: int) -> None:
               "step_s": rep["step_s"], "trainable_params": rep["trainable_params"],
               "optimizer_state_bytes": rep["optimizer_state_bytes"], **{k: start[k] for k in start if k != "fit_step_s"}}
     p.run(row["label"]).write_text(json.dumps(record))
+
+
+def measure_fit_cost(work: Path, sz: Sizes, block: str, start: str, repeats: int = 3) -> dict:
+    """What a fit step is charged: its time against a plain training step of the grown
+    model, back to back in one process and one thread, nothing else running; medians of
+    interleaved repeats. (Each run's own ratio, timed minutes apart while other runs
+    shared the cores, scattered from 1.1x to 2.2x for the same operator.)"""
+    p, b = Paths(work, block, 0), BLOCKS[block]
+    op, opts, depth_mode, _ = STARTS[start]
+    data = data_of(work, b["kind"])
+    steps = max(5, sz.fit_steps // 4)
+    grown, trained = work / f"{p.tag}-cost-{start}", work / f"{p.tag}-cost-trained"
+    fit_s, train_s = [], []
+    for _ in range(repeats):
+        shutil.rmtree(grown, ignore_errors=True)
+        rep = convert(p.source(), grown, GrowthSpec(width="2x", depth="2x", depth_mode=depth_mode), operator=op,
+                      operator_options={**opts, "seed": 0}, verify=False, progress=False,
+                      fit_options=fit_options(sz, data, steps, 0))
+        fit_s.append(rep["fit"]["step_s"])
+        shutil.rmtree(trained, ignore_errors=True)
+        rep = train(grown, trained, loop_options(sz, data, steps, 0, lr=b["lr"], warmup=0, eval_every=0), progress=False)
+        train_s.append(rep["step_s"])
+    shutil.rmtree(grown, ignore_errors=True)
+    shutil.rmtree(trained, ignore_errors=True)
+    fit, plain = statistics.median(fit_s), statistics.median(train_s)
+    return {"fit_step_s": fit, "train_step_s": plain, "ratio": fit / plain, "steps": steps, "repeats": repeats}
 
 
 def _job(args: tuple) -> None:
@@ -250,6 +290,15 @@ def main() -> None:
     pending = sorted(todo([("train", work, sz, b, r, s, record(b, r, s)) for b, r, s in runs]),
                      key=lambda j: (not j[4]["relora"], j[4]["start"] not in ("ligo", "mango")))
     run_phase([j[:-1] for j in pending], args.jobs, log)
+    costs: dict[tuple[str, str], dict] = {}
+    torch.set_num_threads(1)
+    for b in blocks:
+        for start in (st for st in BLOCKS[b]["starts"] if st in STARTS and STARTS[st][3]):
+            cached = work / f"{BLOCKS[b]['kind']}-fit-cost-{start}.json"
+            if not cached.exists():
+                log(f"{b}: {start}'s fit step against a plain step, nothing else running")
+                cached.write_text(json.dumps(measure_fit_cost(work, sz, b, start)))
+            costs[(b, start)] = json.loads(cached.read_text())
 
     result = {
         "benchmark": "growth_quality", "quick": args.quick, "seeds": len(seeds),
@@ -259,6 +308,11 @@ def main() -> None:
         "command": "python benchmarks/growth_quality.py" + (" --quick" if args.quick else ""),
         "sizes": asdict(sz), "blocks": [], "runs": [json.loads(record(b, r, s).read_text()) for b, r, s in runs],
     }
+    starts = {(b, r["label"]): r["start"] for b in blocks for r in rows_of(BLOCKS[b])}
+    for r in result["runs"]:  # every fitted run charged at its operator's measured cost
+        cost = costs.get((r["block"], starts[(r["block"], r["row"])]))
+        if cost is not None:
+            r["fit_cost_in_run"], r["fit_cost"] = r["fit_cost"], cost["ratio"]
     for b in blocks:
         sources = [json.loads(Paths(work, b, s).done("source").read_text()) for s in seeds]
         scratch = [r["final_val"] for r in result["runs"] if r["block"] == b and r["row"] == "scratch"]
@@ -268,6 +322,7 @@ def main() -> None:
             "source_final_lr": sources[0]["final_lr"], "source_params": sources[0]["params"],
             "target_params": describe(Paths(work, b, seeds[0]).start("copy"))["params"],
             "source_val": interval([s["val"] for s in sources]), "scratch_final": interval(scratch),
+            "fit_cost": {st: c for (blk, st), c in costs.items() if blk == b},
         })
     result["summary"] = summarise(result)
     result["wall_s"] = time.perf_counter() - started

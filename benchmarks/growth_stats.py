@@ -107,7 +107,7 @@ def table(result: dict) -> str:
                   "| run | val after growth | final val | final − copy (paired) | steps to scratch's final "
                   "| **saving vs scratch** |", "| --- | --- | --- | --- | --- | --- |"]
         for s in (s for s in result["summary"] if s["block"] == block["name"]):
-            fit = f" (+{block['fit_steps']} fit × {fmt(s['fit_cost'], 2)})" if s["fit_cost"] else ""
+            fit = f" (+{block['fit_steps']} fit × {s['fit_cost']['mean']:.2f})" if s["fit_cost"] else ""
             reached = "" if s["reached"] == s["seeds"] else f" ({s['reached']}/{s['seeds']} seeds reach it)"
             lines.append(f"| {s['run']} | {fmt(s['after_growth'])} | {fmt(s['final'])} | "
                          f"{fmt(s['vs_copy_final'], 4)} | {fmt(s['steps'], 0)}{fit}{reached} | "
@@ -116,7 +116,7 @@ def table(result: dict) -> str:
 
 
 def draw(result: dict, path: Path) -> None:
-    """Mean validation curve per row with its 95% band, one panel per block."""
+    """Mean validation curve per row with the band every seed's curve lies in, one panel per block."""
     try:
         import matplotlib
 
@@ -134,11 +134,12 @@ def draw(result: dict, path: Path) -> None:
             if not curves:
                 continue
             steps = [s for s, _ in curves[0]]
-            ivs = [interval([c[i][1] for c in curves]) for i in range(len(steps))]
-            mean = [iv["mean"] for iv in ivs]
-            line, = ax.plot(steps, mean, lw=1.4, label=row["label"], ls="--" if row["schedule"] == "continue" else "-")
-            ax.fill_between(steps, [m - iv["half"] for m, iv in zip(mean, ivs)],
-                            [m + iv["half"] for m, iv in zip(mean, ivs)], color=line.get_color(), alpha=0.15)
+            at = [[c[i][1] for c in curves] for i in range(len(steps))]
+            mean = [statistics.fmean(v) for v in at]
+            line, = ax.plot(steps, mean, lw=1.4, label=row["label"], ls={"continue": "--", "rewarm": "-"}.get(row["schedule"], ":"))
+            # The band is every seed's curve (min to max): with 3 seeds a t-interval of
+            # the mean would be 4.3 standard errors wide and hide the curves.
+            ax.fill_between(steps, [min(v) for v in at], [max(v) for v in at], color=line.get_color(), alpha=0.12)
             lows += [m for m in mean if math.isfinite(m)]
         src = block["source_val"]["mean"]
         ax.axhline(src, color="grey", ls=":", lw=1, label="source (small model)")
@@ -147,7 +148,8 @@ def draw(result: dict, path: Path) -> None:
             ax.set_ylim(min(lows) - 0.03, src + 0.6)
         ax.set_xlabel("training step of the grown model")
         ax.set_ylabel("validation loss (nats/byte)")
-        ax.set_title(f"{block['name']}: 2x wide, 2x deep (mean, 95% band)" + (" (quick)" if result["quick"] else ""),
+        ax.set_title(f"{block['name']}: 2x wide, 2x deep (mean of {result['seeds']} seeds; band: every seed)"
+                     + (" (quick)" if result["quick"] else ""),
                      fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
