@@ -91,6 +91,7 @@ STARTS = {  # start -> (operator, operator options, depth mode, fitted)
     "mango": ("mango", {}, "identity", True),  # its rank: the smallest with an exact start
 }
 RELORA = "copy + ReLoRA (warm start), rewarm"
+RANDOM = {"gpt2": random_gpt2, "bert": random_bert}  # a random model of a block's family
 SHORT = "short rewarm"  # a third of rewarm's peak rate, a fifth of its warmup
 
 
@@ -134,23 +135,21 @@ def data_of(work: Path, kind: str) -> dict:
     return {"train": corpus / "train.npy", "val": corpus / "val.npy", "extra": {"mask_token_id": MASK_ID}}
 
 
-def loop_options(sz: Sizes, data: dict, steps: int, seed: int, **kw) -> TrainOptions:
-    values = {"data": [str(data["train"])], "val_data": [str(data["val"])], "steps": steps, "batch_size": sz.batch,
-              "seq_len": sz.seq, "eval_every": sz.eval_every, "eval_batches": sz.eval_batches, "seed": seed,
-              "device": "cpu", **data["extra"]}
-    return TrainOptions(**{**values, **kw})
-
-
 def fit_options(sz: Sizes, data: dict, steps: int, seed: int) -> dict:
     return {"data": [str(data["train"])], "steps": steps, "batch_size": sz.batch, "seq_len": sz.seq, "seed": seed,
             "device": "cpu", **data["extra"]}
 
 
+def loop_options(sz: Sizes, data: dict, steps: int, seed: int, **kw) -> TrainOptions:
+    values = {**fit_options(sz, data, steps, seed), "val_data": [str(data["val"])], "eval_every": sz.eval_every,
+              "eval_batches": sz.eval_batches}
+    return TrainOptions(**{**values, **kw})
+
+
 def make_source(work: Path, sz: Sizes, block: str, seed: int) -> None:
     p, b = Paths(work, block, seed), BLOCKS[block]
     shutil.rmtree(p.source(), ignore_errors=True)
-    make = random_gpt2 if b["kind"] == "gpt2" else random_bert
-    init = make(work / f"{p.tag}-source-init", sz.embd, sz.layers, sz.heads, seed)
+    init = RANDOM[b["kind"]](work / f"{p.tag}-source-init", sz.embd, sz.layers, sz.heads, seed)
     opts = loop_options(sz, data_of(work, b["kind"]), sz.source_steps, seed, lr=b["source_lr"], warmup=sz.warmup)
     rep = train(init, p.source(), opts, progress=False)
     shutil.rmtree(init)
@@ -163,8 +162,7 @@ def make_start(work: Path, sz: Sizes, block: str, start: str, seed: int) -> None
     shutil.rmtree(p.start(start), ignore_errors=True)
     record = {"fit_step_s": None}
     if start == "scratch":
-        make = random_gpt2 if b["kind"] == "gpt2" else random_bert
-        make(p.start(start), 2 * sz.embd, 2 * sz.layers, 2 * sz.heads, seed + 1000)
+        RANDOM[b["kind"]](p.start(start), 2 * sz.embd, 2 * sz.layers, 2 * sz.heads, seed + 1000)
     else:
         op, opts, depth_mode, fitted = STARTS[start]
         data = data_of(work, b["kind"])

@@ -77,8 +77,7 @@ def run_streamed(source: SourceModel, inputs: dict[str, torch.Tensor],
 
     def read_rows(stored: str, rows: slice) -> torch.Tensor:
         nonlocal peak
-        t = source.checkpoint.get(stored, rows)
-        t = (t.to(round_to) if round_to is not None else t).float()
+        t = _as_float(source.checkpoint.get(stored, rows), round_to)
         peak = max(peak, t.numel() * 4)
         return t
 
@@ -185,13 +184,17 @@ def read_float(checkpoint, name: str, round_to: torch.dtype | None = None) -> to
     info = checkpoint.info(name)
     parts = row_parts(info.shape) if len(info.shape) > 1 else [None]
     if len(parts) == 1:
-        t = checkpoint.get(name)
-        return (t.to(round_to) if round_to is not None else t).float()
+        return _as_float(checkpoint.get(name), round_to)
     out = torch.empty(info.shape, dtype=torch.float32)
     for rows in parts:
         t = checkpoint.get(name, rows)
         out[rows] = t.to(round_to) if round_to is not None else t
     return out
+
+
+def _as_float(t: torch.Tensor, round_to: torch.dtype | None) -> torch.Tensor:
+    """``t`` in fp32, rounded to ``round_to`` first (what a cast to it would store)."""
+    return (t.to(round_to) if round_to is not None else t).float()
 
 
 _PROBE = torch.zeros(1, 1)  # a stand-in where only the module key of a tensor is wanted

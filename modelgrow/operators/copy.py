@@ -94,11 +94,11 @@ class CopyOperator(Operator):
     def _split(self, w: torch.Tensor, axis: int, m: AxisMap, gen: torch.Generator) -> torch.Tensor:
         # In place and in the tensor's own layout: on a large model this is most of the
         # conversion's arithmetic (a transposed layout made every pass several times slower).
-        shape = [1] * w.dim()
-        shape[axis] = -1
         tiles = tile_count(m)
         if tiles == 2 and self.noise > 0 and self.noise_mode == "exact":
             return self._split_in_two(w, axis, gen)
+        shape = [1] * w.dim()
+        shape[axis] = -1
         if tiles:  # whole copies side by side (every integer multiple): contiguous copies, no gather
             reps = [1] * w.dim()
             reps[axis] = tiles
@@ -111,7 +111,6 @@ class CopyOperator(Operator):
         if pad.numel():
             out.index_fill_(axis, pad, 0.0)  # padding units are zero after the norm: their weights are free
         return out
-
 
     def _split_in_two(self, w: torch.Tensor, axis: int, gen: torch.Generator) -> torch.Tensor:
         """Two whole copies with cancelling noise (2x width, the common case) written straight
