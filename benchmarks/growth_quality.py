@@ -255,13 +255,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes and 2 seeds (CI)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per row (default: 3; 2 with --quick)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes, one thread each")
-    ap.add_argument("--blocks", default="all", help="'causal', 'masked' or all")
+    ap.add_argument("--blocks", default="all", choices=["all", "causal", "masked"], help="which blocks to run")
     ap.add_argument("--workdir", type=Path, help="keep checkpoints and per-run records here; a rerun on the same "
                                                  "folder computes only what is missing (default: a temp folder)")
     ap.add_argument("--out", type=Path, default=None,
                     help="results JSON (default: benchmarks/results/growth_quality[-quick].json)")
     ap.add_argument("--plot", type=Path, default=None, help="validation curves PNG (default beside the JSON)")
     args = ap.parse_args()
+    if (args.seeds is not None and args.seeds < 1) or args.jobs < 1:
+        ap.error("--seeds and --jobs must be at least 1")
     sz = QUICK if args.quick else FULL
     seeds = list(range(args.seeds or (2 if args.quick else 3)))
     blocks = [b for b in BLOCKS if args.blocks == "all" or b.startswith(args.blocks)]
