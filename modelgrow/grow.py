@@ -8,7 +8,6 @@ appears, complete, after verification passed.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -21,11 +20,12 @@ from . import plugins, signals
 from .version import __version__
 from .card import Recipe, convert_card, source_label, write_card
 from .checkpoint import CheckpointWriter, dtypes, parse_size, tagalong
-from .checkpoint.writer import check_target
+from .checkpoint.marker import check_target
 from .checkpoint.dtypes import DtypeName
 from .checkpoint.sizes import ShardSize, row_parts
 from .checkpoint.identity import source_digest, source_identity
 from .destination import check_destination
+from .engine.device import torch_threads
 from .options import Options, option
 from .errors import InputError, ModelgrowError, OutputError, UsageError, VerificationError
 from .fit import FitOptions, is_writer, prepare_fit
@@ -124,8 +124,8 @@ def convert(
         timings["open_s"] = time.perf_counter() - started
         try:
             kind = plugins.get_operator(operator)
-            gate = Preflight(source, spec, kind, options, dtype=run.dtype, shard_bytes=max_shard_bytes,
-                             verify=verify is not False, dest=dest, check=run.preflight)
+            gate = Preflight(source, spec, kind, options, dtype=run.dtype, verify=verify is not False, dest=dest,
+                             check=run.preflight)
             plan = make_plan(source, spec, gate)  # refuses a job that cannot fit before listing any tensor
             casting = dtypes.describe(run.dtype, {source.checkpoint.info(b.name).dtype for b in source.bound()})
             if dtypes.cast_note(casting):  # before the operator takes the plan's promise
@@ -177,7 +177,9 @@ def convert(
                 report["promise"] = op.promise().as_dict()  # fitting moves it off the exact start
                 timings["fit_s"] = time.perf_counter() - t1
             t0 = time.perf_counter()
-            _write_tensors(plan, op, writer, allow_nonfinite, progress, dtypes.target_dtype(run.dtype))
+            # Writing and hashing run on threads of their own: growth leaves them a core.
+            with torch_threads(torch.get_num_threads() - 1):
+                _write_tensors(plan, op, writer, allow_nonfinite, progress, dtypes.target_dtype(run.dtype))
             writer.write_json("config.json", dtypes.config_with_dtype(plan.config, run.dtype))
             writer.write_json(GROWTH_MAP, growth_map(plan, op.name, op.learned, source_final_lr(source)))
             report["tagalong"] = tagalong.write(writer, source.checkpoint.tagalong_found(), plan.old.residual,
@@ -251,13 +253,16 @@ def _recipe(hub, spec: GrowthSpec, op, fit_options, run: ConvertOptions) -> Reci
 
 def _write_tensors(plan: Plan, op, writer: CheckpointWriter, allow_nonfinite: bool, progress: bool,
                    cast: torch.dtype | None = None) -> None:
-    bar = tqdm(plan.targets, desc="growing", unit="tensor", disable=not progress, leave=False)
+    stored = {t.name: dtypes.output_dtype(plan.source.info(t.spec, t.source_layer).dtype, cast) for t in plan.targets}
+    # Every shard is laid out from the plan: each tensor is written into its place while
+    # the next one grows, only a few are held (never a shard), and taken in the writer's
+    # order each file is written front to back. (Growth does not depend on the order.)
+    order = writer.declare([(t.name, tuple(t.shape), stored[t.name]) for t in plan.targets])
+    by_name = {t.name: t for t in plan.targets}
+    bar = tqdm([by_name[name] for name in order], desc="growing", unit="tensor", disable=not progress, leave=False)
     for target in bar:
-        dtype = dtypes.output_dtype(plan.source.info(target.spec, target.source_layer).dtype, cast)
+        dtype = stored[target.name]
         parts = row_parts(target.shape) if op.grows_rows(target) else [None]
-        # The shard so far goes out before the tensor is made, not while both are held
-        # (the same shards as add() would make).
-        writer.make_room(math.prod(target.shape) * dtype.itemsize)
         if len(parts) == 1:  # grown whole: one fp32 tensor, then stored
             writer.add(target.name, _checked(plan, op, target, op.tensor(target), dtype, allow_nonfinite))
             continue
@@ -267,7 +272,7 @@ def _write_tensors(plan: Plan, op, writer: CheckpointWriter, allow_nonfinite: bo
         for rows in parts:
             out[rows] = _checked(plan, op, target, op.tensor(target, rows), dtype, allow_nonfinite)
         writer.add(target.name, out)
-        del out  # the shard holds it now, until written; this name would keep it for the whole run
+        del out  # the writing thread holds it until written; this name would keep it for the whole run
 
 
 def _checked(plan: Plan, op, target, w: torch.Tensor, dtype: torch.dtype, allow_nonfinite: bool) -> torch.Tensor:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import dtypes
+from .checkpoint.planned import WRITE_AHEAD
 from .checkpoint.sizes import PART_BYTES, format_size
 from .errors import UsageError
 from .layout import Dims
@@ -133,7 +134,7 @@ class Estimate:
 
 
 def peak_memory(source: SourceModel, new: Dims, size: Size, *, operator: type, options: dict[str, Any],
-                shard_bytes: int, verify: bool) -> int:
+                verify: bool) -> int:
     """A conservative estimate of a conversion's peak memory (bytes, host memory):
 
         operator state + max(grow, fit, verify)
@@ -141,14 +142,13 @@ def peak_memory(source: SourceModel, new: Dims, size: Size, *, operator: type, o
     - operator state: ``operator.state_bytes`` (held for the whole run): the unit maps;
       a learned operator adds the source in fp32 and its own tensors four times over
       (values, gradients, AdamW's two moments);
-    - grow: one shard waiting to be written (``--max-shard-size``, at most the whole
-      model) plus ``GROW_COPIES`` fp32 copies of the largest tensor grown whole (the
-      last of them is the stored tensor; the shard so far is written out before a tensor
-      that would not fit in it is made). An operator that grows rows in slices
-      (``grows_rows``: copy) grows a tensor whose rows the growth leaves alone (a
+    - grow: the tensors handed to the writing thread and not yet written (at most
+      ``WRITE_AHEAD`` bytes, or one tensor when larger: checkpoint/planned.py; whatever
+      ``--max-shard-size``) plus ``GROW_COPIES`` fp32 copies of the largest tensor grown
+      whole (the last of them is the stored tensor). An operator that grows rows in
+      slices (``grows_rows``: copy) grows a tensor whose rows the growth leaves alone (a
       vocabulary's embedding) into its stored dtype a slice of at most ``PART_BYTES`` at
-      a time: that tensor as stored (a shard of its own when larger than the limit) and
-      the slice's copies;
+      a time: that tensor as stored and the slice's copies;
     - fit (learned operators): the grown model materialised, ``FIT_COPIES`` x fp32;
     - verify (unless off; streamed, modelgrow.streamed): for each model, in fp32, the
       tensors outside the layers plus one layer, and every layer's output hidden state.
@@ -164,8 +164,8 @@ def peak_memory(source: SourceModel, new: Dims, size: Size, *, operator: type, o
     method = getattr(operator, "grows_rows", None)
     slices = method is not None and method.__qualname__ != "Operator.grows_rows"
     whole = max(size.largest_whole, min(size.largest, PART_BYTES // FP32)) if slices else size.largest
-    shard = max(min(shard_bytes, size.disk_bytes), size.largest_sliced_bytes if slices else 0)
-    grow = shard + GROW_COPIES * FP32 * whole
+    waiting = max(min(WRITE_AHEAD, size.disk_bytes), size.largest_sliced_bytes if slices else FP32 * whole)
+    grow = waiting + GROW_COPIES * FP32 * whole
     fit = FIT_COPIES * FP32 * size.params if getattr(operator, "learned", False) else 0
     check = 0
     if verify:
@@ -182,15 +182,14 @@ class Preflight:
     does not fit."""
 
     def __init__(self, source: SourceModel, spec: Any, operator: type, options: dict[str, Any], *, dtype: str,
-                 shard_bytes: int, verify: bool, dest: str | Path | None, check: bool = True):
+                 verify: bool, dest: str | Path | None, check: bool = True):
         self.source, self.spec, self.operator, self.options = source, spec, operator, options
-        self.dtype, self.shard_bytes, self.verify, self.dest, self.check = dtype, shard_bytes, verify, dest, check
+        self.dtype, self.verify, self.dest, self.check = dtype, verify, dest, check
         self.estimate: Estimate | None = None
 
     def __call__(self, new: Dims) -> None:
         size = count(self.source, new, self.dtype)
-        peak = peak_memory(self.source, new, size, operator=self.operator, options=self.options,
-                           shard_bytes=self.shard_bytes, verify=self.verify)
+        peak = peak_memory(self.source, new, size, operator=self.operator, options=self.options, verify=self.verify)
         where = Path(self.dest).absolute().parent if self.dest is not None else None
         free = free_disk(where) if where is not None and self.check else None
         available = available_memory() if self.check else None

@@ -156,27 +156,30 @@ def test_the_two_copy_split_equals_the_general_one(axis):
     assert not torch.equal(fast, w.repeat(reps) / 2)  # the noise is there
 
 
-def test_a_written_shard_leaves_no_grown_tensor_behind(tmp_path, monkeypatch):
-    """Once a shard is written, nothing in the conversion still holds the tensors it was
-    given (the sliced embedding included): memory is the shard being filled, not the
-    model. One shard per tensor, so every tensor is checked when the next one starts."""
+def test_a_written_tensor_leaves_nothing_of_itself_behind(tmp_path, monkeypatch):
+    """Once a tensor is written, nothing in the conversion still holds it (the sliced
+    embedding included): memory is the tensors waiting to be written, not a shard or
+    the model. With nothing allowed ahead, every earlier tensor is checked each time
+    the writer waits for the writes before the next one."""
     import weakref
 
-    from modelgrow.checkpoint import writer
+    from modelgrow.checkpoint import planned
 
     src = tiny.llama(tmp_path / "src")
     monkeypatch.setattr(grow, "row_parts", lambda shape: base.row_parts(shape, 512))
-    given, add, flush = [], writer.CheckpointWriter.add, writer.CheckpointWriter._flush
+    monkeypatch.setattr(planned, "WRITE_AHEAD", 0)
+    given, put, settle = [], planned.PlannedShards.put, planned.PlannedShards._settle
 
-    def spy_add(self, name, tensor):
+    def spy_put(self, name, tensor):
         given.append((name, weakref.ref(tensor)))
-        add(self, name, tensor)
+        put(self, name, tensor)
 
-    def spy_flush(self):
-        flush(self)
-        assert [name for name, ref in given if ref() is not None] == []
+    def spy_settle(self, room):
+        settle(self, room)
+        assert [name for name, ref in given[:-1] if ref() is not None] == []
 
-    monkeypatch.setattr(writer.CheckpointWriter, "add", spy_add)
-    monkeypatch.setattr(writer.CheckpointWriter, "_flush", spy_flush)
+    monkeypatch.setattr(planned.PlannedShards, "put", spy_put)
+    monkeypatch.setattr(planned.PlannedShards, "_settle", spy_settle)
     grow.convert(src, tmp_path / "out", GrowthSpec(width="2x"), max_shard_size=1, verify=False, progress=False)
-    assert "model.embed_tokens.weight" in dict(given)
+    assert "model.embed_tokens.weight" in dict(given) and len(given) > 10
+    assert all(ref() is None for _, ref in given)

@@ -29,7 +29,7 @@ import os
 import stat
 from pathlib import Path
 
-from modelgrow.checkpoint.atomic import MARKER_NAME, fsync_path, output_errors
+from modelgrow.checkpoint.atomic import MARKER_NAME, fsync_path, output_errors, remove_stale_temps
 from modelgrow.errors import OutputError
 from modelgrow.version import __version__
 
@@ -133,3 +133,28 @@ def _files_under(folder: Path, prefix: str = "") -> list[str]:
         elif rel != MARKER_NAME:
             files.append(rel)
     return files
+
+
+def check_target(dest: Path, overwrite: bool, *, clean: bool = False) -> None:
+    """What entering a writer for ``dest`` would refuse: the name, the parent folder, an
+    existing folder without ``overwrite``, one modelgrow did not write. ``clean``: first
+    tidy what killed runs left beside ``dest``, as entering does (a dry run touches nothing)."""
+    _check_folder_name(dest)
+    if clean:
+        with output_errors(dest.parent, dest):
+            remove_stale_temps(dest)
+    _check_existing(dest, overwrite)
+
+
+def _check_folder_name(dest: Path) -> None:
+    if not dest.name or dest.name in (".", ".."):
+        raise OutputError("is not a usable destination folder name", path=dest)
+    if not dest.parent.is_dir():
+        raise OutputError(f"parent folder {dest.parent} does not exist", path=dest,
+                          hint=f"create it first (mkdir -p {dest.parent}); nothing was written")
+
+
+def _check_existing(dest: Path, overwrite: bool) -> None:
+    if os.path.lexists(dest) and not overwrite:
+        raise OutputError("exists; pass --overwrite to replace it", path=dest)
+    check_replaceable(dest)  # before any work: --overwrite replaces only what modelgrow wrote

@@ -1,11 +1,12 @@
 """Write a Hugging Face style safetensors checkpoint atomically.
 
 Everything is written into a hidden temporary folder beside the destination (see
-checkpoint/atomic.py) and renamed into place only by commit(), so a crash, a full disk or an exception leaves either the
-old destination or nothing, never half a checkpoint. Shards are packed greedily by bytes
-in the order tensors are added; at most one shard's tensors are held in memory. The
-committed folder carries the ``.modelgrow`` marker listing its files
-(checkpoint/marker.py); ``overwrite=True`` replaces only a folder modelgrow wrote.
+checkpoint/atomic.py) and renamed into place only by commit(), so a crash, a full disk or
+an exception leaves either the old destination or nothing, never half a checkpoint.
+Shards are packed greedily by bytes in the order tensors are added; at most one shard's
+tensors are held in memory, or, once declare() has laid the shards out, a few tensors
+(checkpoint/planned.py). The committed folder carries the ``.modelgrow`` marker listing
+its files (checkpoint/marker.py); ``overwrite=True`` replaces only what modelgrow wrote.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from modelgrow.checkpoint.atomic import (
     output_errors,
     release,
     remove_path,
-    remove_stale_temps,
 )
-from modelgrow.checkpoint.marker import check_replaceable, write_marker
+from modelgrow.checkpoint.marker import check_replaceable, check_target, write_marker
+from modelgrow.checkpoint.planned import Entry, PlannedShards, sort_header_metadata
 from modelgrow.checkpoint.tagalong import copy_regular, vet
 from modelgrow.errors import InputError, OutputError
 
@@ -87,6 +88,7 @@ class CheckpointWriter:
         self._shards: list[tuple[str, list[str]]] = []  # temp file name, tensor names
         self._written: dict[str, tuple[int, str]] = {}  # file name -> (bytes, sha256)
         self._total_size = 0
+        self._planned: PlannedShards | None = None  # declare(): each tensor written as it comes
 
     # -- context manager ---------------------------------------------------------------
 
@@ -110,6 +112,23 @@ class CheckpointWriter:
 
     # -- adding content ----------------------------------------------------------------
 
+    def declare(self, tensors: list[tuple[str, tuple[int, ...], torch.dtype]]) -> list[str]:
+        """Say up front which tensors add() will bring (name, shape, dtype): the shards are
+        laid out now (as undeclared adds in this order would fill them), and add() writes
+        each tensor into its place on a helper thread instead of holding a shard. Returns
+        the order to add them in: each file is then written front to back and hashed on
+        the way, never read back."""
+        self._require_open()
+        if self._names or self._planned is not None or self._state_finished:
+            raise RuntimeError("declare() comes once, before any tensor is added")
+        entries = [Entry(name, tuple(shape), dtype) for name, shape, dtype in tensors]
+        if not entries:
+            return []  # an empty checkpoint: finish() writes its one file
+        self._planned = PlannedShards(self._tmp, self.dest, entries, self.max_shard_bytes, self._metadata,
+                                      done=self._submit_hash)
+        self._shards = [(tmp_name, [e.name for e in group]) for tmp_name, group in self._planned.shards]
+        return self._planned.file_order()
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Append one tensor; a full shard is written out before this one starts a new one."""
         self._require_open()
@@ -123,6 +142,11 @@ class CheckpointWriter:
             raise TypeError(f"tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
         tensor = tensor.detach().contiguous()
         nbytes = tensor.numel() * tensor.element_size()
+        if self._planned is not None:
+            self._planned.put(name, tensor.cpu())  # written from its own memory, on the writing thread
+            self._names.add(name)
+            self._total_size += nbytes
+            return
         self.make_room(nbytes)
         # save_file refuses two tensors sharing memory in one file (tied weights added
         # under two names, repeated layers); copying costs memory only in that case.
@@ -142,7 +166,7 @@ class CheckpointWriter:
         called before a large tensor is made, the shard is not held beside it.
         Greedy by bytes; a tensor larger than the limit still gets a shard of its own."""
         self._require_open()
-        if self._shard and self._shard_bytes + nbytes > self.max_shard_bytes:
+        if self._planned is None and self._shard and self._shard_bytes + nbytes > self.max_shard_bytes:
             self._flush()
 
     def write_json(self, filename: str, obj: object) -> None:
@@ -205,7 +229,9 @@ class CheckpointWriter:
         if self._state_finished:
             return self._tmp
         try:
-            if self._shard or not self._shards:  # an empty checkpoint is still one file
+            if self._planned is not None:
+                self._planned.wait()
+            elif self._shard or not self._shards:  # an empty checkpoint is still one file
                 self._flush()
             self._wait_for_hashes()
             self._name_shards()
@@ -284,14 +310,17 @@ class CheckpointWriter:
         path = self._tmp / tmp_name
         with output_errors(path, self.dest):
             save_file(self._shard, path, metadata=self._metadata)
-            _sort_header_metadata(path)
+            sort_header_metadata(path)
+        self._submit_hash(tmp_name)
+        self._shards.append((tmp_name, list(self._shard)))
+        self._shard, self._shard_bytes, self._shard_storages = {}, 0, set()
+
+    def _submit_hash(self, tmp_name: str, sha256: str | None = None) -> None:
         # fsync and sha256 re-read the file from the page cache: done on a helper thread
         # while the caller computes the next shard (hashlib and fsync release the GIL).
         if self._hasher is None:
             self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelgrow-hash")
-        self._pending.append((path, self._hasher.submit(self._record, tmp_name)))
-        self._shards.append((tmp_name, list(self._shard)))
-        self._shard, self._shard_bytes, self._shard_storages = {}, 0, set()
+        self._pending.append((self._tmp / tmp_name, self._hasher.submit(self._record, tmp_name, sha256)))
 
     def _wait_for_hashes(self) -> None:
         pending, self._pending = self._pending, []
@@ -312,9 +341,14 @@ class CheckpointWriter:
                 path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def _record(self, name: str) -> None:
-        """fsync a finished file and remember its size and sha256 for the caller."""
-        self._written[name] = hash_and_fsync(self._tmp / name)
+    def _record(self, name: str, sha256: str | None = None) -> None:
+        """fsync a finished file and remember its size and sha256 (read back unless known) for the caller."""
+        path = self._tmp / name
+        if sha256 is None:
+            self._written[name] = hash_and_fsync(path)
+        else:
+            fsync_path(path)
+            self._written[name] = (path.stat().st_size, sha256)
 
     def _check_side_file_name(self, name: str) -> None:
         if not isinstance(name, str) or "\\" in name or any(p in ("", ".", "..") for p in name.split("/")):
@@ -330,6 +364,8 @@ class CheckpointWriter:
 
     def _abort(self) -> None:
         self._state = "aborted"
+        if self._planned is not None:
+            self._planned.abort()
         if self._hasher is not None:
             self._hasher.shutdown(wait=True, cancel_futures=True)
             self._hasher, self._pending = None, []
@@ -338,56 +374,9 @@ class CheckpointWriter:
             remove_path(self._tmp)
 
 
-def check_target(dest: Path, overwrite: bool, *, clean: bool = False) -> None:
-    """What entering a writer for ``dest`` would refuse: the name, the parent folder, an
-    existing folder without ``overwrite``, one modelgrow did not write. ``clean``: first
-    tidy what killed runs left beside ``dest``, as entering does (a dry run touches nothing)."""
-    _check_folder_name(dest)
-    if clean:
-        with output_errors(dest.parent, dest):
-            remove_stale_temps(dest)
-    _check_existing(dest, overwrite)
-
-
-def _check_folder_name(dest: Path) -> None:
-    if not dest.name or dest.name in (".", ".."):
-        raise OutputError("is not a usable destination folder name", path=dest)
-    if not dest.parent.is_dir():
-        raise OutputError(f"parent folder {dest.parent} does not exist", path=dest,
-                          hint=f"create it first (mkdir -p {dest.parent}); nothing was written")
-
-
-def _check_existing(dest: Path, overwrite: bool) -> None:
-    if os.path.lexists(dest) and not overwrite:
-        raise OutputError("exists; pass --overwrite to replace it", path=dest)
-    check_replaceable(dest)  # before any work: --overwrite replaces only what modelgrow wrote
-
-
 def _created_meanwhile(dest: Path) -> OutputError:
     return OutputError(
         "was created by another process while the checkpoint was being written; left untouched",
         path=dest,
         hint="pass --overwrite to replace it",
     )
-
-
-def _sort_header_metadata(path: Path) -> None:
-    """Rewrite __metadata__ in sorted key order, in place.
-
-    safetensors serialises the metadata map in hash-map order, which differs from run to
-    run once there are two or more keys; sorting makes identical inputs byte-identical.
-    The compact re-serialisation has the same length; any shortfall is padded with
-    spaces, which the format allows at the end of the header.
-    """
-    with open(path, "r+b") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-        metadata = header.get("__metadata__")
-        if not metadata or len(metadata) < 2:
-            return
-        header["__metadata__"] = dict(sorted(metadata.items()))
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        if len(text) > header_len:
-            raise RuntimeError(f"re-serialised header of {path.name} grew; cannot sort metadata")
-        f.seek(8)
-        f.write(text.ljust(header_len, b" "))
