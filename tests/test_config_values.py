@@ -20,7 +20,7 @@ from click.testing import CliRunner
 import tiny
 from modelgrow import plugins
 from modelgrow.cli import main
-from modelgrow.config_check import MAX_ENTRIES, MAX_LABELS, build_error, check_config, first_line
+from modelgrow.config_check import COMMON_ACTIVATIONS, MAX_ENTRIES, MAX_LABELS, build_error, check_config, first_line
 from modelgrow.errors import CheckpointError, InputError
 from modelgrow.source import load_module, open_source
 from test_families import BASE, FAMILIES
@@ -211,6 +211,14 @@ def test_checked_keys_follow_the_layout():
             check_config({"model_args": {**args, **edit}}, "config.json", nanogpt)
     # an activation name is transformers' to know: a module of a plugin's own may use another
     check_config({"model_args": {**args, "hidden_act": "my_gelu"}}, "config.json", nanogpt)
+
+
+def test_the_activations_judged_without_transformers_are_ones_it_knows():
+    """The usual names skip importing transformers.activations (seconds at every start):
+    each must be one the installed transformers builds, or a bad name would pass."""
+    from transformers.activations import ACT2FN
+
+    assert COMMON_ACTIVATIONS <= set(ACT2FN), COMMON_ACTIVATIONS - set(ACT2FN)
 
 
 def test_label_names_are_free_text():
