@@ -132,9 +132,8 @@ class Fit:
         plan = op.plan
         self.plan, self.source, self.arch = plan, plan.source, plan.source.arch
         self.dist = Dist.from_env()
-        # FSDP2 shards the operator when there are processes to shard over and the grown
-        # weights are made in one call (block by block, each block reads them on its own).
-        self.sharding = options.shard and self.dist.world > 1 and options.materialise == "whole"
+        # FSDP2 shards the operator when there are processes to shard over.
+        self.sharding = options.shard and self.dist.world > 1
         self.task = self.arch.task(plan.config)
         self.data = None
         if options.steps == 0 and not options.data:
@@ -237,14 +236,17 @@ class Fit:
                 return {f"model.{names[t.name]}": op.compute(t).float() for t in outside}
             return {f"model.{names[k]}": v.float() for k, v in op.materialise().items()}
 
-        sharded = None
-        if self.sharding:  # FSDP2: each process steps its slice; calling `sharded` gathers and materialises
+        sharded, gathered = None, None
+        if self.sharding and blocks:  # the blocks read the operator on their own, every micro-batch
+            sharded = shard(op.parameters(), GatheredOperator.hold, self.dist.world, device)
+            gathered = GatheredOperator(sharded, op, weights)
+        elif self.sharding:  # FSDP2: each process steps its slice; calling `sharded` gathers and materialises
             def make(whole: dict) -> dict:
                 op.params = whole
                 return weights()
 
             sharded = shard(op.parameters(), make, self.dist.world, device)
-        made = sharded if sharded is not None else weights
+        made = gathered if gathered is not None else sharded if sharded is not None else weights
         trained = sharded.sharded() if sharded is not None else op.parameters()
         by_scale: dict[float, list] = {}
         for name, t in trained.items():
@@ -267,7 +269,8 @@ class Fit:
                     objective=self.objective, sampler=corpus.WindowSampler(self.data, self.seq_len, o.seed),
                     mask_gen=torch.Generator().manual_seed(o.seed + 3_000_017), dist=self.dist, device=device,
                     loss_sum=lambda local: self._loss_sum(runner, grown.leaves, local, teacher), schedule=o.schedule(),
-                    name=f"fitting {op.name}", evaluate=evaluate, begin_step=grown.begin, end_backward=grown.end,
+                    name=f"fitting {op.name}", evaluate=evaluate, begin_step=grown.begin,
+                    end_backward=grown.end if gathered is None else lambda: (grown.end(), gathered.end()),
                     summed=sharded is not None)
         settings = self.settings()
         if show:
@@ -335,6 +338,39 @@ class Materialised:
         pairs = [(self.full[k], leaf.grad) for k, leaf in self.leaves.items()
                  if self.full[k].requires_grad and leaf.grad is not None]
         self.full = self.leaves = None  # the next step materialises afresh; free this one's graph after
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], grad_tensors=[g for _, g in pairs])
+
+
+class GatheredOperator:
+    """FSDP2 with block materialisation: once per optimiser step (as ``Materialised``'s
+    ``materialise``) the operator's whole tensors are gathered from every process's
+    slice and held as leaves of their own in ``op.params``, which each block reads inside
+    its forward and again in its backward, in every micro-batch; their gradients add up
+    there. ``end`` (after ``Materialised.end``) sends the sum back through the gather
+    once: FSDP2 reduce-scatters it onto each process's slice."""
+
+    def __init__(self, sharded, op: LearnedOperator, weights):
+        self.sharded, self.op, self.weights = sharded, op, weights
+        self.whole: dict | None = None
+
+    @staticmethod
+    def hold(whole: dict) -> tuple[dict, dict]:
+        """Inside FSDP2's forward, while the gathered tensors exist (it frees them when the
+        forward returns): them, to send the gradient back through, and copies to keep."""
+        return whole, {k: v.detach().clone() for k, v in whole.items()}
+
+    def __call__(self) -> dict:
+        self.whole, copies = self.sharded()
+        self.op.params = {k: v.requires_grad_(self.whole[k].requires_grad) for k, v in copies.items()}
+        return self.weights()  # the tensors outside the blocks, made from those leaves
+
+    def end(self) -> None:
+        pairs = [(self.whole[k], leaf.grad) for k, leaf in self.op.params.items()
+                 if self.whole[k].requires_grad and leaf.grad is not None]
+        self.whole = None
+        for leaf in self.op.params.values():
+            leaf.grad = None
         if pairs:
             torch.autograd.backward([t for t, _ in pairs], grad_tensors=[g for _, g in pairs])
 

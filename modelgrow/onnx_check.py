@@ -8,6 +8,7 @@ onnxruntime module is passed in by the caller, which imports the optional extra.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,17 @@ def open_session(ort, path: Path):
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise VerificationError(f"onnxruntime cannot load the exported file: {one_line(exc)}",
                                 hint="nothing was written") from exc
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run eager PyTorch on ``n`` threads inside the block (compared like for like)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @torch.no_grad()

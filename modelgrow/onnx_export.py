@@ -35,8 +35,7 @@ from .checkpoint.atomic import (fsync_path, hash_and_fsync, make_staging_folder,
 from .options import Options, option
 from .destination import check_outputs, source_inputs
 from .errors import ModelgrowError, OutputError, UsageError
-from .engine.device import torch_threads
-from .onnx_check import check_parity, measure_latency, open_session
+from .onnx_check import check_parity, measure_latency, open_session, torch_threads
 from .onnx_graph import drop_stack_traces, dynamic_axes, fit_shape, initializer_bytes, one_line, quiet_exporter, tidy_initializers
 from .source import SourceModel, load_module, open_source
 

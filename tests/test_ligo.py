@@ -140,17 +140,22 @@ DIST_SCRIPT = """
 import sys, torch
 from modelgrow.grow import convert
 from modelgrow.plan import GrowthSpec
-src, data, out, saved = sys.argv[1:5]
+src, data, out, saved, materialise, accumulate = sys.argv[1:7]
 report = convert(src, out, GrowthSpec(width="2x", depth="2x"), operator="ligo", operator_options={"noise": 0.01},
                  fit_options={"data": [data], "steps": 6, "batch_size": 4, "seq_len": 16, "eval_batches": 1,
-                              "device": "cpu", "save_operator": saved}, verify=False, progress=False)
+                              "device": "cpu", "save_operator": saved, "materialise": materialise,
+                              "accumulate": int(accumulate)}, verify=False, progress=False)
 fit = report["fit"]
 print("FIT", torch.distributed.get_rank() if torch.distributed.is_initialized() else 0, fit["sharded"],
       fit["operator_params"], fit["operator_params_local"], flush=True)
 """
 
 
-def test_two_process_torchrun_agrees_with_one_process(tmp_path):
+@pytest.mark.parametrize("materialise, accumulate", [("whole", 1), ("block", 2)])
+def test_two_process_torchrun_agrees_with_one_process(tmp_path, materialise, accumulate):
+    """FSDP2 over two gloo processes ends at the one-process operator: with the grown
+    model made whole, and made block by block over micro-batches (each block reads the
+    gathered operator in its forward and backward, the gradients reduce-scattered once)."""
     src = tiny.gpt2(tmp_path / "src")
     data = tmp_path / "ids.npy"
     np.save(data, np.random.default_rng(0).integers(0, 96, 5000).astype(np.int32))
@@ -159,12 +164,13 @@ def test_two_process_torchrun_agrees_with_one_process(tmp_path):
     # One process, in this interpreter (same code path with world size 1).
     convert(src, tmp_path / "one", GrowthSpec(width="2x", depth="2x"), operator="ligo", operator_options={"noise": 0.01},
             fit_options={"data": [data], "steps": 6, "batch_size": 4, "seq_len": 16, "eval_batches": 1,
-                         "device": "cpu", "save_operator": str(tmp_path / "one.safetensors")},
+                         "device": "cpu", "save_operator": str(tmp_path / "one.safetensors"),
+                         "materialise": materialise, "accumulate": accumulate},
             verify=False, progress=False)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(script), str(src), str(data), str(tmp_path / "two"),
-           str(tmp_path / "two.safetensors")]
+           str(tmp_path / "two.safetensors"), materialise, str(accumulate)]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     # FSDP2: each process held and stepped its own slice of the operator (about half).

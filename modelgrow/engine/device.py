@@ -56,14 +56,3 @@ def peak_memory(device: torch.device) -> dict:
     # ru_maxrss is KiB on Linux (bytes on macOS): the whole process's high-water mark.
     scale = 1 if sys.platform == "darwin" else 1024
     return {"bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale, "kind": "process max RSS"}
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Run eager PyTorch on ``n`` threads (at least 1) inside the block."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
