@@ -25,7 +25,6 @@ from .checkpoint.dtypes import DtypeName
 from .checkpoint.sizes import ShardSize, row_parts
 from .checkpoint.identity import source_digest, source_identity
 from .destination import check_destination
-from .engine.device import torch_threads
 from .options import Options, option
 from .errors import InputError, ModelgrowError, OutputError, UsageError, VerificationError
 from .fit import FitOptions, is_writer, prepare_fit
@@ -177,9 +176,7 @@ def convert(
                 report["promise"] = op.promise().as_dict()  # fitting moves it off the exact start
                 timings["fit_s"] = time.perf_counter() - t1
             t0 = time.perf_counter()
-            # Writing and hashing run on threads of their own: growth leaves them a core.
-            with torch_threads(torch.get_num_threads() - 1):
-                _write_tensors(plan, op, writer, allow_nonfinite, progress, dtypes.target_dtype(run.dtype))
+            _write_tensors(plan, op, writer, allow_nonfinite, progress, dtypes.target_dtype(run.dtype))
             writer.write_json("config.json", dtypes.config_with_dtype(plan.config, run.dtype))
             writer.write_json(GROWTH_MAP, growth_map(plan, op.name, op.learned, source_final_lr(source)))
             report["tagalong"] = tagalong.write(writer, source.checkpoint.tagalong_found(), plan.old.residual,
