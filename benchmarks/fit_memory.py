@@ -7,7 +7,7 @@ held, with its gradient) and once with ``"block"`` (each block's weights made in
 forward and again in its backward). Each fit runs in a fresh process, so its peak RSS is
 its own; the step time is the fit's own clock.
 
-    python benchmarks/fit_memory.py [--quick] [--json OUT]
+    python benchmarks/fit_memory.py [--quick] [--modes block,whole] [--json OUT]
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main() -> dict:
         params = make_source(tmp / "src", shape)
         data = tmp / "ids.npy"
         np.save(data, np.random.default_rng(0).integers(0, shape["vocab"], 20_000).astype(np.int32))
-        for mode in ("block", "whole"):
+        for mode in a.modes.split(","):
             proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp / "src"), str(data), mode, str(shape["seq"]),
                                    str(shape["batch"])], capture_output=True, text=True)
             if proc.returncode:

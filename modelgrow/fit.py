@@ -224,7 +224,6 @@ class Fit:
             from .source import load_module
 
             teacher = load_module(self.source).to(device).eval()
-        start_values = {k: v.detach().clone() for k, v in op.parameters().items()}
 
         # Materialised under autocast (bf16 matmuls on CUDA), handed over in fp32 so the
         # embeddings, norms and residual stream stay fp32 as in ordinary mixed precision.
@@ -284,6 +283,9 @@ class Fit:
         op.fitted_steps = o.steps
         loop_s = sum(h.step_times)
         scores = [v for _, v in h.val_curve]
+        operator_params = sum(t.numel() for t in loop.tensors)
+        local_params = sum((t.to_local() if hasattr(t, "to_local") else t).numel() for t in loop.tensors)
+        del loop  # its optimiser state, before the drift makes the starting tensors again
         report = {
             "operator": op.name,
             **settings,
@@ -291,16 +293,15 @@ class Fit:
             "autocast": precision(device),
             "backend": self.dist.backend,
             "data": self.data.describe(),
-            "operator_params": sum(t.numel() for t in loop.tensors),
-            # What this process held and stepped: all of them, or its FSDP2 slice.
-            "operator_params_local": sum((t.to_local() if hasattr(t, "to_local") else t).numel() for t in loop.tensors),
+            "operator_params": operator_params,
+            "operator_params_local": local_params,  # what this process held and stepped: all, or its FSDP2 slice
             "eval": {"batches": o.eval_batches, "windows": o.eval_batches * o.batch_size,
                      "before": scores[0] if scores else None, "after": scores[-1] if scores else None},
             "loss_curve": h.loss_curve,
             "grad_norm_curve": h.grad_norm_curve,
             "lr_curve": h.lr_curve,
             "step_times": h.step_times,
-            "drift": _drift(op, params, start_values),
+            "drift": _drift(op, params, op.initial_parameters()),
             "wall_s": time.perf_counter() - started,
             "step_s": loop_s / max(1, o.steps),
             "tokens_per_s": o.steps * o.batch_size * self.seq_len / loop_s if loop_s > 0 else None,
@@ -380,10 +381,11 @@ def _drift(op: LearnedOperator, params: dict, start: dict) -> dict:
     groups: dict[str, list[float]] = {}
     biggest = 0.0
     for name, value in params.items():
-        delta = (value.detach() - start[name]).double()
+        begin = start.pop(name).to(value.device)  # each starting tensor let go once counted
+        delta = (value.detach() - begin).double()
         g = groups.setdefault(op.param_group(name), [0.0, 0.0])
         g[0] += float(delta.square().sum())
-        g[1] += float(start[name].double().square().sum())
+        g[1] += float(begin.double().square().sum())
         biggest = max(biggest, float(delta.abs().max())) if delta.numel() else biggest
     out = {k: {"relative": math.sqrt(d) / math.sqrt(s) if s > 0 else math.sqrt(d), "abs": math.sqrt(d)} for k, (d, s) in groups.items()}
     total_d, total_s = sum(v[0] for v in groups.values()), sum(v[1] for v in groups.values())

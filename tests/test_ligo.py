@@ -192,6 +192,23 @@ def _initial_operator(src: Path) -> dict:
         return dict(LiGOOperator(make_plan(source, GrowthSpec(width="2x", depth="2x")), noise=0.01).parameters())
 
 
+@pytest.mark.parametrize("kind", ["ligo", "mango"])
+def test_an_operator_made_again_is_where_it_started(tmp_path, kind):
+    """A fit measures its drift against the operator made again from its plan, options
+    and seed (it keeps no copy while it runs): that must be its start, bit for bit,
+    noise included."""
+    from modelgrow import plugins
+
+    src = tiny.gpt2(tmp_path / "src")
+    with open_source(src) as source:
+        op = plugins.get_operator(kind)(make_plan(source, GrowthSpec(width="2x", depth="2x")), noise=0.01, seed=3)
+        start, again = op.parameters(), op.initial_parameters()
+        assert again.keys() == start.keys() and len(start) > 3
+        assert all(torch.equal(again[k], v) and again[k] is not v for k, v in start.items())
+        other = plugins.get_operator(kind)(make_plan(source, GrowthSpec(width="2x", depth="2x")), noise=0.01, seed=4)
+        assert not all(torch.equal(other.parameters()[k], v) for k, v in start.items())  # the seed matters
+
+
 def _write(path: Path, data) -> Path:
     if isinstance(data, np.ndarray):
         np.save(path, data)

@@ -76,6 +76,12 @@ class LearnedOperator(Operator):
     def parameters(self) -> dict[str, torch.Tensor]:
         return self.params
 
+    def initial_parameters(self) -> dict[str, torch.Tensor]:
+        """The tensors as this operator was built, made again (on the CPU) from the plan,
+        the options and the seed: a fit measures its drift against them and keeps no
+        copy of them while it runs."""
+        return type(self)(self.plan, **self.options).parameters()
+
     def compute(self, target) -> torch.Tensor:
         raise NotImplementedError
 
