@@ -381,7 +381,7 @@ def _drift(op: LearnedOperator, params: dict, start: dict) -> dict:
     groups: dict[str, list[float]] = {}
     biggest = 0.0
     for name, value in params.items():
-        begin = start.pop(name).to(value.device)  # each starting tensor let go once counted
+        begin = start.pop(name).detach().to(value.device)  # each starting tensor let go once counted
         delta = (value.detach() - begin).double()
         g = groups.setdefault(op.param_group(name), [0.0, 0.0])
         g[0] += float(delta.square().sum())
