@@ -62,6 +62,7 @@ def main() -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (the test suite's mode)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--modes", default="block,whole", help="which --fit-materialise modes to run, comma-separated")
     a = ap.parse_args()
     shape = QUICK if a.quick else FULL
     import numpy as np
