@@ -580,10 +580,10 @@ def _short(value, limit: int = 60) -> str:
 class _NullWriter:
     """Stands in for CheckpointWriter: the grown tensors are produced, then dropped."""
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        pass
+    def declare(self, tensors: list) -> list[str]:
+        return [name for name, _, _ in tensors]  # taken in the plan's order
 
-    def make_room(self, nbytes: int) -> None:
+    def add(self, name: str, tensor: torch.Tensor) -> None:
         pass
 
 
