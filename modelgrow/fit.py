@@ -336,11 +336,9 @@ class Materialised:
         self.leaves = {k: v.detach().requires_grad_(v.requires_grad) for k, v in self.full.items()}
 
     def end(self) -> None:
-        pairs = [(self.full[k], leaf.grad) for k, leaf in self.leaves.items()
-                 if self.full[k].requires_grad and leaf.grad is not None]
+        full, leaves = self.full, self.leaves
         self.full = self.leaves = None  # the next step materialises afresh; free this one's graph after
-        if pairs:
-            torch.autograd.backward([t for t, _ in pairs], grad_tensors=[g for _, g in pairs])
+        _send_back(full, leaves)
 
 
 class GatheredOperator:
@@ -367,13 +365,18 @@ class GatheredOperator:
         return self.weights()  # the tensors outside the blocks, made from those leaves
 
     def end(self) -> None:
-        pairs = [(self.whole[k], leaf.grad) for k, leaf in self.op.params.items()
-                 if self.whole[k].requires_grad and leaf.grad is not None]
-        self.whole = None
-        for leaf in self.op.params.values():
-            leaf.grad = None
-        if pairs:
-            torch.autograd.backward([t for t, _ in pairs], grad_tensors=[g for _, g in pairs])
+        whole, self.whole = self.whole, None
+        _send_back(whole, self.op.params)
+
+
+def _send_back(full: dict, leaves: dict) -> None:
+    """Backpropagate the gradients summed on ``leaves`` (detached copies of ``full``)
+    through ``full``, once; the leaves let go of them."""
+    pairs = [(full[k], leaf.grad) for k, leaf in leaves.items() if full[k].requires_grad and leaf.grad is not None]
+    for leaf in leaves.values():
+        leaf.grad = None
+    if pairs:
+        torch.autograd.backward([t for t, _ in pairs], grad_tensors=[g for _, g in pairs])
 
 
 def _drift(op: LearnedOperator, params: dict, start: dict) -> dict:

@@ -169,6 +169,7 @@ class PlannedShards:
         return [name for _, group in self.shards for name in header(group, {})[1]]
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
+        """Hand one declared tensor (contiguous, on the CPU) to the writing thread."""
         if name not in self.where:
             raise ValueError(f"tensor {name!r} was not declared")
         index, entry = self.where[name]
@@ -179,7 +180,7 @@ class PlannedShards:
         self._settle(WRITE_AHEAD - entry.nbytes)
         path = self.folder / self.shards[index][0]
         # In a list the writing thread empties: the pool's record of the call would hold it.
-        self.pending.append((path, entry.nbytes, self.pool.submit(self._write, index, name, [tensor.contiguous()])))
+        self.pending.append((path, entry.nbytes, self.pool.submit(self._write, index, name, [tensor])))
 
     def wait(self) -> None:
         """Every write finished (its error raised here); every declared tensor added."""
